@@ -1,0 +1,6 @@
+"""Model-agnostic layers: nothing here knows about graphs, sites or models."""
+
+from tcnn_fx.layers.conv_attention import AttentionMaps, ConvAttention2d, ConvAttentionConfig
+from tcnn_fx.layers.conv_geometry import ConvGeometry
+
+__all__ = ["AttentionMaps", "ConvAttention2d", "ConvAttentionConfig", "ConvGeometry"]

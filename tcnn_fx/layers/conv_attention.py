@@ -1,0 +1,352 @@
+"""A 2-d convolution recast as gated multi-head self-attention.
+
+Construction (Cordonnier et al., ICLR 2020): one head per kernel tap.  Head
+``k`` attends from every output pixel to the padded input grid with a
+positional attention centred on tap ``k``'s offset; its value projection is the
+identity and its output projection is tap ``k``'s slice of the convolution
+weight, so with one-hot positional maps the layer computes exactly the
+convolution.  Attending over the *padded* grid is what makes the borders exact
+for every padding mode: a tap that falls in zero padding reads a zero, a tap in
+reflect padding reads the reflected pixel, just as ``nn.Conv2d`` does.
+
+Content attention (ConViT's gated positional self-attention, d'Ascoli et al.,
+2021): queries from the pixel under the kernel centre, keys from every padded
+pixel, mixed per head with the positional map by a learnable gate.  In the
+default (exact) parameterisation the gate is the content weight itself and
+starts at zero: the content branch adds exactly nothing at initialisation,
+while the gate's gradient is non-zero, so training opens it; the query and key
+weights are random (not zero) so that once the gate opens they leave the
+saddle point that zero query and key weights would be.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import prune
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from tcnn_fx.layers.conv_geometry import ConvGeometry
+from tcnn_fx.layers.positional import positional_attention, relative_offsets
+
+#: Off-target positional mass per neighbour is ``exp(-locality)``: at 40 the four
+#: nearest neighbours together weigh 1.7e-17, below float64 rounding of the target's 1.
+EXACT_LOCALITY = 40.0
+
+
+@dataclass(frozen=True)
+class ConvAttentionConfig:
+    """How a ``ConvAttention2d`` parameterises and initialises its attention.
+
+    ``locality_strength``
+        Initial ``locality`` of every head: the positional score is
+        ``-locality * ||r - centre||^2``.  Large values make the positional map
+        one-hot (exact); ConViT uses 1.
+    ``gate``
+        ``'linear'``: the content weight of a head is its gate parameter
+        (``0`` = pure positional attention).  ``'sigmoid'``: ConViT's
+        parameterisation, content weight ``1 - sigmoid(gate)``, which never
+        reaches zero.
+    ``gate_init``
+        Initial gate parameter of every head.
+    ``qk_dim``
+        Query/key width per head; ``None`` picks ``in_channels // heads``
+        clamped to [8, 64].
+    """
+
+    locality_strength: float = EXACT_LOCALITY
+    gate: Literal["linear", "sigmoid"] = "linear"
+    gate_init: float = 0.0
+    qk_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.gate not in ("linear", "sigmoid"):
+            raise ValueError(f"gate must be 'linear' or 'sigmoid', got {self.gate!r}")
+        if not math.isfinite(self.locality_strength) or self.locality_strength <= 0:
+            raise ValueError(f"locality_strength must be a positive finite number, got {self.locality_strength!r}")
+        if self.qk_dim is not None and self.qk_dim < 1:
+            raise ValueError(f"qk_dim must be a positive int or None, got {self.qk_dim!r}")
+
+    @classmethod
+    def exact(cls, qk_dim: int | None = None) -> ConvAttentionConfig:
+        """The default: equal to the convolution at initialisation, to rounding."""
+        return cls(qk_dim=qk_dim)
+
+    @classmethod
+    def convit(cls, locality_strength: float = 1.0, qk_dim: int | None = None) -> ConvAttentionConfig:
+        """ConViT's GPSA settings (``local_init``): locality 1, sigmoid gate with parameter 1.
+
+        Not equal to the convolution at initialisation: 27% of each head's
+        attention is content attention and the positional maps are soft.
+        """
+        return cls(locality_strength=locality_strength, gate="sigmoid", gate_init=1.0, qk_dim=qk_dim)
+
+    @property
+    def is_exact(self) -> bool:
+        """Whether a layer built with this config reproduces its convolution at initialisation."""
+        return self.gate == "linear" and self.gate_init == 0.0 and self.locality_strength >= EXACT_LOCALITY
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ConvAttentionConfig:
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown ConvAttentionConfig fields {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class AttentionMaps:
+    """Attention of one forward pass, for analysis.
+
+    ``positional`` is ``(heads, queries, keys)``, ``content`` and ``combined``
+    are ``(batch, heads, queries, keys)``; queries are output pixels row-major,
+    keys are pixels of the padded input row-major.  ``offsets`` is
+    ``(queries, keys, 2)``: each key's position relative to its query.
+    """
+
+    positional: Tensor
+    content: Tensor
+    combined: Tensor
+    content_weight: Tensor
+    offsets: Tensor
+    output_size: tuple[int, int]
+    padded_size: tuple[int, int]
+
+    def mean_distance(self) -> Tensor:
+        """Mean attention distance per head in pixels (ConViT's non-locality measure), ``(heads,)``."""
+        distance = self.offsets.norm(dim=-1).to(self.combined.dtype)
+        return (self.combined * distance).sum(-1).mean(dim=(0, 2))
+
+
+def _reject_unsupported(conv: nn.Module) -> None:
+    """Raise a clear error for a module that ``from_conv`` cannot reproduce exactly."""
+    if isinstance(conv, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        raise TypeError(
+            f"{type(conv).__name__} is a transposed convolution; ConvAttention2d reproduces nn.Conv2d only"
+        )
+    if isinstance(conv, (nn.Conv1d, nn.Conv3d)):
+        raise TypeError(f"{type(conv).__name__} is not 2-d; ConvAttention2d reproduces nn.Conv2d only")
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"expected an nn.Conv2d, got {type(conv).__name__}")
+    if isinstance(conv.weight, nn.parameter.UninitializedParameter):
+        raise ValueError(f"{type(conv).__name__}.weight is uninitialised (lazy); run one forward pass first")
+    for attribute in ("forward", "_conv_forward"):
+        if getattr(type(conv), attribute) is not getattr(nn.Conv2d, attribute):
+            raise ValueError(
+                f"{type(conv).__name__} overrides {attribute}(), so its output is not that of nn.Conv2d with "
+                "its weights; convert the plain convolution its forward calls, or make the model use nn.Conv2d"
+            )
+    for attribute in ("_forward_hooks", "_forward_pre_hooks"):
+        hooks = [h for h in getattr(conv, attribute).values() if not isinstance(h, prune.BasePruningMethod)]
+        if hooks:
+            raise ValueError(
+                f"{type(conv).__name__} has {attribute} {hooks}; the attention layer would not run them. "
+                "Remove the hooks or convert a copy of the convolution without them"
+            )
+    if conv.weight.is_complex():
+        raise TypeError(f"{type(conv).__name__}.weight is complex ({conv.weight.dtype}); only real dtypes are supported")
+
+
+class ConvAttention2d(nn.Module):
+    """Multi-head self-attention that equals an ``nn.Conv2d`` at initialisation.
+
+    Takes the same arguments as ``nn.Conv2d`` plus a ``ConvAttentionConfig``;
+    NCHW in, NCHW out.  ``weight`` and ``bias`` have ``nn.Conv2d``'s layout
+    (tap ``(i, j)`` of ``weight`` is head ``i * kernel_w + j``'s output
+    projection).  Use ``from_conv`` to recast a trained convolution.
+
+    Learnable attention parameters: ``centres`` ``(heads, 2)`` and
+    ``locality`` ``(heads,)`` of the positional maps, ``gate`` ``(heads,)``,
+    ``query_weight`` and ``key_weight`` ``(heads * qk_dim, in_channels)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        config: ConvAttentionConfig | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        geometry = ConvGeometry.resolve(kernel_size, stride, padding, dilation, groups, padding_mode)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
+            )
+        self.config = config if config is not None else ConvAttentionConfig()
+        self.geometry = geometry
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        heads = geometry.num_taps
+        self.qk_dim = self.config.qk_dim or min(64, max(8, in_channels // heads))
+        factory = {"device": device, "dtype": dtype}
+
+        # nn.Conv2d's own initialisation, so a layer built from scratch is a random convolution.
+        reference = nn.Conv2d(in_channels, out_channels, geometry.kernel_size, groups=groups, bias=bias, **factory)
+        self.weight = reference.weight
+        self.bias = reference.bias
+        self.query_weight = nn.Parameter(torch.empty(heads * self.qk_dim, in_channels, **factory))
+        self.key_weight = nn.Parameter(torch.empty(heads * self.qk_dim, in_channels, **factory))
+        self.centres = nn.Parameter(torch.tensor(geometry.tap_offsets(), **factory).reshape(heads, 2))
+        self.locality = nn.Parameter(torch.full((heads,), self.config.locality_strength, **factory))
+        self.gate = nn.Parameter(torch.full((heads,), self.config.gate_init, **factory))
+        for projection in (self.query_weight, self.key_weight):
+            nn.init.kaiming_uniform_(projection, a=math.sqrt(5))  # nn.Linear's default
+        self._positional_cache: tuple[tuple, Tensor] | None = None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, config: ConvAttentionConfig | None = None) -> ConvAttention2d:
+        """Recast ``conv`` as attention with the same weights; ``conv`` is left untouched.
+
+        Raises ``TypeError`` for modules that are not ``nn.Conv2d`` (transposed,
+        1-d, 3-d) and ``ValueError`` for convolutions whose output is not
+        ``F.conv2d`` of their weights (custom ``forward``, hooks, lazy weights).
+        """
+        _reject_unsupported(conv)
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            config=config,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer.train(conv.training)
+
+    @property
+    def num_heads(self) -> int:
+        return self.geometry.num_taps
+
+    @property
+    def groups(self) -> int:
+        return self.geometry.groups
+
+    def content_weight(self) -> Tensor:
+        """Per-head weight of content attention in the mix, ``(heads,)``: 0 is the convolution's positional map."""
+        if self.config.gate == "sigmoid":
+            return 1.0 - torch.sigmoid(self.gate)
+        return self.gate
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={g.kernel_size}, stride={g.stride}, "
+            f"padding={g.padding}, dilation={g.dilation}, groups={g.groups}, bias={self.bias is not None}, "
+            f"padding_mode={g.padding_mode!r}, heads={self.num_heads}, qk_dim={self.qk_dim}, "
+            f"gate={self.config.gate!r}"
+        )
+
+    def _pad(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"ConvAttention2d expects NCHW input with {self.in_channels} channels, got shape {tuple(x.shape)}"
+            )
+        pad = self.geometry.pad_last_first
+        if not any(pad):
+            return x
+        mode = "constant" if self.geometry.padding_mode == "zeros" else self.geometry.padding_mode
+        return F.pad(x, pad, mode=mode)
+
+    def _positional(self, height: int, width: int, dtype: torch.dtype) -> Tensor:
+        """Positional attention ``(heads, queries, keys)``, reused while nothing it depends on changes.
+
+        Computed in at least float32 so that half-precision scores cannot
+        overflow.  The cache is bypassed when gradients must flow to the
+        positional parameters and under tracing or compilation, where a cached
+        tensor would be baked into the captured graph.
+        """
+        compute_dtype = torch.promote_types(self.centres.dtype, torch.float32)
+        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing() or is_in_torch_dispatch_mode()
+        needs_grad = torch.is_grad_enabled() and (self.centres.requires_grad or self.locality.requires_grad)
+        if tracing or needs_grad:
+            return positional_attention(
+                self.geometry, self.centres.to(compute_dtype), self.locality.to(compute_dtype), height, width
+            ).to(dtype)
+        key = (height, width, dtype, self.centres.device)
+        key += tuple((p.data_ptr(), p._version, p.dtype) for p in (self.centres, self.locality))
+        if self._positional_cache is None or self._positional_cache[0] != key:
+            with torch.no_grad():
+                maps = positional_attention(
+                    self.geometry, self.centres.to(compute_dtype), self.locality.to(compute_dtype), height, width
+                ).to(dtype)
+            self._positional_cache = (key, maps)
+        return self._positional_cache[1]
+
+    def _content(self, padded: Tensor, out_size: tuple[int, int]) -> Tensor:
+        """Content attention ``(batch, heads, queries, keys)`` from the padded input."""
+        batch, channels = padded.shape[:2]
+        g = self.geometry
+        anchor = g.query_anchor()
+        centre_pixels = padded[:, :, anchor[0] :: g.stride[0], anchor[1] :: g.stride[1]]
+        centre_pixels = centre_pixels[:, :, : out_size[0], : out_size[1]].reshape(batch, channels, -1)
+        queries = torch.matmul(self.query_weight, centre_pixels)
+        keys = torch.matmul(self.key_weight, padded.reshape(batch, channels, -1))
+        queries = queries.reshape(batch, self.num_heads, self.qk_dim, -1).transpose(-1, -2)
+        keys = keys.reshape(batch, self.num_heads, self.qk_dim, -1)
+        scores = torch.matmul(queries, keys) * self.qk_dim**-0.5
+        compute_dtype = torch.promote_types(scores.dtype, torch.float32)
+        return scores.softmax(dim=-1, dtype=compute_dtype).to(padded.dtype)
+
+    def _attend(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[int, int]]:
+        """Padded input, positional, content and combined attention, output size."""
+        padded = self._pad(x)
+        out_size = self.geometry.output_size(x.shape[-2], x.shape[-1])
+        positional = self._positional(x.shape[-2], x.shape[-1], x.dtype)
+        content = self._content(padded, out_size)
+        weight = self.content_weight().to(x.dtype).reshape(1, -1, 1, 1)
+        return padded, positional, content, torch.lerp(positional.unsqueeze(0), content, weight), out_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        padded, _, _, combined, (out_h, out_w) = self._attend(x)
+        batch, channels = padded.shape[:2]
+        keys = padded.shape[-2] * padded.shape[-1]
+        # Every head gathers all input channels: (B, C, keys) @ (B, keys, heads * queries).
+        gathered = torch.bmm(padded.reshape(batch, channels, keys), combined.reshape(batch, -1, keys).transpose(1, 2))
+        # Channel index c * heads + head matches weight.reshape(out, in/groups * heads): the output projection
+        # of all heads is one grouped 1x1 convolution with the convolution's own weight.
+        gathered = gathered.reshape(batch, channels * self.num_heads, out_h * out_w)
+        projection = self.weight.reshape(self.out_channels, -1, 1)
+        out = F.conv1d(gathered, projection, self.bias, groups=self.groups)
+        return out.reshape(batch, self.out_channels, out_h, out_w)
+
+    def attention(self, x: Tensor) -> AttentionMaps:
+        """The attention maps this layer applies to ``x`` (detached), with the offsets to measure them."""
+        with torch.no_grad():
+            _, positional, content, combined, out_size = self._attend(x)
+            offsets = relative_offsets(self.geometry, x.shape[-2], x.shape[-1], device=x.device)
+            return AttentionMaps(
+                positional=positional,
+                content=content,
+                combined=combined,
+                content_weight=self.content_weight().detach().clone(),
+                offsets=offsets,
+                output_size=out_size,
+                padded_size=self.geometry.padded_size(x.shape[-2], x.shape[-1]),
+            )
