@@ -57,7 +57,7 @@ class ConvAttentionConfig:
         Initial gate parameter of every head.
     ``qk_dim``
         Query/key width per head; ``None`` picks ``in_channels // heads``
-        clamped to [8, 64].
+        clamped to [8, 32].
     """
 
     locality_strength: float = EXACT_LOCALITY
@@ -109,7 +109,8 @@ class AttentionMaps:
 
     ``positional`` is ``(heads, queries, keys)``, ``content`` and ``combined``
     are ``(batch, heads, queries, keys)``; queries are output pixels row-major,
-    keys are pixels of the padded input row-major.  ``offsets`` is
+    keys are the pixels of a ``key_size`` grid row-major: the input itself for
+    zero padding, the padded input for other padding modes.  ``offsets`` is
     ``(queries, keys, 2)``: each key's position relative to its query.
     """
 
@@ -119,12 +120,16 @@ class AttentionMaps:
     content_weight: Tensor
     offsets: Tensor
     output_size: tuple[int, int]
-    padded_size: tuple[int, int]
+    key_size: tuple[int, int]
 
     def mean_distance(self) -> Tensor:
-        """Mean attention distance per head in pixels (ConViT's non-locality measure), ``(heads,)``."""
+        """Mean attention distance per head in pixels (ConViT's non-locality measure), ``(heads,)``.
+
+        Averaged over queries and batch, weighted by attention mass.
+        """
         distance = self.offsets.norm(dim=-1).to(self.combined.dtype)
-        return (self.combined * distance).sum(-1).mean(dim=(0, 2))
+        # Weighted by attention mass: a zero-padded border tap attends to nothing and has no distance.
+        return (self.combined * distance).sum(dim=(0, 2, 3)) / self.combined.sum(dim=(0, 2, 3))
 
 
 def _reject_unsupported(conv: nn.Module) -> None:
@@ -195,7 +200,7 @@ class ConvAttention2d(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         heads = geometry.num_taps
-        self.qk_dim = self.config.qk_dim or min(64, max(8, in_channels // heads))
+        self.qk_dim = self.config.qk_dim or min(32, max(8, in_channels // heads))
         factory = {"device": device, "dtype": dtype}
 
         # nn.Conv2d's own initialisation, so a layer built from scratch is a random convolution.
@@ -209,7 +214,7 @@ class ConvAttention2d(nn.Module):
         self.gate = nn.Parameter(torch.full((heads,), self.config.gate_init, **factory))
         for projection in (self.query_weight, self.key_weight):
             nn.init.kaiming_uniform_(projection, a=math.sqrt(5))  # nn.Linear's default
-        self._positional_cache: tuple[tuple, Tensor] | None = None
+        self._derived_cache: dict[str, tuple[tuple, Tensor]] = {}
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, config: ConvAttentionConfig | None = None) -> ConvAttention2d:
@@ -263,90 +268,161 @@ class ConvAttention2d(nn.Module):
             f"gate={self.config.gate!r}"
         )
 
-    def _pad(self, x: Tensor) -> Tensor:
+    @property
+    def _image_keys(self) -> bool:
+        """Whether keys are the input's own pixels (zero padding) or the padded grid (other modes).
+
+        Zero-padded pixels have zero value, so dropping them from the keys after
+        the positional softmax changes nothing but the cost.
+        """
+        return self.geometry.padding_mode == "zeros"
+
+    def _cacheable(self, *params: Tensor) -> bool:
+        """Whether tensors derived from ``params`` may be reused across calls.
+
+        Not when gradients must reach them, nor under tracing or compilation,
+        where a cached tensor would be baked into the captured graph.
+        """
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or is_in_torch_dispatch_mode():
+            return False
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+
+    def _derived(self, name: str, params: tuple[Tensor, ...], extra: tuple, compute) -> Tensor:
+        """``compute()``, reused while ``params`` (by storage and version) and ``extra`` are unchanged."""
+        if not self._cacheable(*params):
+            return compute()
+        key = extra + tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        entry = self._derived_cache.get(name)
+        if entry is None or entry[0] != key:
+            with torch.no_grad():
+                entry = (key, compute())
+            self._derived_cache[name] = entry
+        return entry[1]
+
+    def _positional(self, height: int, width: int, dtype: torch.dtype) -> Tensor:
+        """Positional attention ``(heads, queries, keys)``, computed in at least float32 so scores cannot overflow."""
+
+        def compute() -> Tensor:
+            compute_dtype = torch.promote_types(self.centres.dtype, torch.float32)
+            return positional_attention(
+                self.geometry,
+                self.centres.to(compute_dtype),
+                self.locality.to(compute_dtype),
+                height,
+                width,
+                image_keys=self._image_keys,
+            ).to(dtype)
+
+        return self._derived("positional", (self.centres, self.locality), (height, width, dtype), compute)
+
+    def _projection(self) -> Tensor:
+        """The convolution weight as one 1x1 convolution over all heads' gathered features.
+
+        Shape ``(out, heads * in/groups, 1, 1)``, input channels ordered (group,
+        head, channel) to match the gathered features.
+        """
+
+        def compute() -> Tensor:
+            w = self.weight.reshape(self.out_channels, self.in_channels // self.groups, self.num_heads)
+            return w.transpose(1, 2).reshape(self.out_channels, -1, 1, 1)
+
+        return self._derived("projection", (self.weight,), (), compute)
+
+    def _pixels(self, x: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
+        """Channels-last query pixels ``(B, C, out_h, out_w)`` and key/value pixels, output size.
+
+        Keys and values are the input itself for zero padding, the padded input
+        otherwise; queries are the pixels under the kernel centres.  When those
+        are exactly the keys, the same tensor is returned for both.
+        Channels-last because every product below treats pixels as rows and
+        channels as columns.
+        """
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"ConvAttention2d expects NCHW input with {self.in_channels} channels, got shape {tuple(x.shape)}"
             )
-        pad = self.geometry.pad_last_first
-        if not any(pad):
-            return x
-        mode = "constant" if self.geometry.padding_mode == "zeros" else self.geometry.padding_mode
-        return F.pad(x, pad, mode=mode)
-
-    def _positional(self, height: int, width: int, dtype: torch.dtype) -> Tensor:
-        """Positional attention ``(heads, queries, keys)``, reused while nothing it depends on changes.
-
-        Computed in at least float32 so that half-precision scores cannot
-        overflow.  The cache is bypassed when gradients must flow to the
-        positional parameters and under tracing or compilation, where a cached
-        tensor would be baked into the captured graph.
-        """
-        compute_dtype = torch.promote_types(self.centres.dtype, torch.float32)
-        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing() or is_in_torch_dispatch_mode()
-        needs_grad = torch.is_grad_enabled() and (self.centres.requires_grad or self.locality.requires_grad)
-        if tracing or needs_grad:
-            return positional_attention(
-                self.geometry, self.centres.to(compute_dtype), self.locality.to(compute_dtype), height, width
-            ).to(dtype)
-        key = (height, width, dtype, self.centres.device)
-        key += tuple((p.data_ptr(), p._version, p.dtype) for p in (self.centres, self.locality))
-        if self._positional_cache is None or self._positional_cache[0] != key:
-            with torch.no_grad():
-                maps = positional_attention(
-                    self.geometry, self.centres.to(compute_dtype), self.locality.to(compute_dtype), height, width
-                ).to(dtype)
-            self._positional_cache = (key, maps)
-        return self._positional_cache[1]
-
-    def _content(self, padded: Tensor, out_size: tuple[int, int]) -> Tensor:
-        """Content attention ``(batch, heads, queries, keys)`` from the padded input."""
-        batch, channels = padded.shape[:2]
         g = self.geometry
-        anchor = g.query_anchor()
-        centre_pixels = padded[:, :, anchor[0] :: g.stride[0], anchor[1] :: g.stride[1]]
-        centre_pixels = centre_pixels[:, :, : out_size[0], : out_size[1]].reshape(batch, channels, -1)
-        queries = torch.matmul(self.query_weight, centre_pixels)
-        keys = torch.matmul(self.key_weight, padded.reshape(batch, channels, -1))
-        queries = queries.reshape(batch, self.num_heads, self.qk_dim, -1).transpose(-1, -2)
-        keys = keys.reshape(batch, self.num_heads, self.qk_dim, -1)
-        scores = torch.matmul(queries, keys) * self.qk_dim**-0.5
-        compute_dtype = torch.promote_types(scores.dtype, torch.float32)
-        return scores.softmax(dim=-1, dtype=compute_dtype).to(padded.dtype)
+        height, width = x.shape[-2:]
+        out_h, out_w = g.output_size(height, width)
+        x = x.contiguous(memory_format=torch.channels_last)
+        origin = g.query_origin(height, width) if self._image_keys else None
+        if origin is not None:
+            source, padded = x, x
+        else:
+            mode = "constant" if g.padding_mode == "zeros" else g.padding_mode
+            padded = F.pad(x, g.pad_last_first, mode=mode) if any(g.padding) else x
+            source, origin = padded, g.query_anchor()
+        keys = x if self._image_keys else padded
+        if origin == (0, 0) and g.stride == (1, 1) and (out_h, out_w) == tuple(source.shape[-2:]):
+            return source, keys, (out_h, out_w)
+        queries = source[:, :, origin[0] :: g.stride[0], origin[1] :: g.stride[1]][:, :, :out_h, :out_w]
+        return queries.contiguous(memory_format=torch.channels_last), keys, (out_h, out_w)
+
+    def _content(self, queries: Tensor, keys: Tensor) -> Tensor:
+        """Content attention ``(B, heads, queries, keys)``: softmax of scaled query-key products."""
+        batch, heads, dim = queries.shape[0], self.num_heads, self.qk_dim
+        query_weight = (self.query_weight * dim**-0.5)[:, :, None, None]
+        key_weight = self.key_weight[:, :, None, None]
+        if queries is keys:  # one product for both
+            q, k = F.conv2d(keys, torch.cat([query_weight, key_weight])).split(heads * dim, dim=1)
+        else:
+            q, k = F.conv2d(queries, query_weight), F.conv2d(keys, key_weight)
+        q = q.permute(0, 2, 3, 1).reshape(batch, -1, heads, dim).transpose(1, 2)
+        k = k.permute(0, 2, 3, 1).reshape(batch, -1, heads, dim).permute(0, 2, 3, 1)
+        scores = torch.matmul(q, k)
+        return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(queries.dtype)
 
     def _attend(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[int, int]]:
-        """Padded input, positional, content and combined attention, output size."""
-        padded = self._pad(x)
-        out_size = self.geometry.output_size(x.shape[-2], x.shape[-1])
+        """Key/value pixels, positional and content attention, per-head content weight, output size."""
+        queries, keys, out_size = self._pixels(x)
         positional = self._positional(x.shape[-2], x.shape[-1], x.dtype)
-        content = self._content(padded, out_size)
-        weight = self.content_weight().to(x.dtype).reshape(1, -1, 1, 1)
-        return padded, positional, content, torch.lerp(positional.unsqueeze(0), content, weight), out_size
+        content = self._content(queries, keys)
+        return keys, positional, content, self.content_weight().to(x.dtype), out_size
+
+    @staticmethod
+    def _mix_by_query(positional: Tensor, content: Tensor, weight: Tensor) -> Tensor:
+        """Combined attention laid out ``(B, queries, heads, keys)``, as the gather needs it.
+
+        Without autograd the mix is written straight into that layout, saving a
+        pass over the largest tensor of the layer.
+        """
+        batch, heads, queries, keys = content.shape
+        positional, content = positional.transpose(0, 1).unsqueeze(0), content.transpose(1, 2)
+        weight = weight.reshape(1, 1, heads, 1)
+        if torch.is_grad_enabled():
+            return torch.lerp(positional, content, weight).contiguous()
+        mixed = content.new_empty(batch, queries, heads, keys)
+        return torch.lerp(positional, content, weight, out=mixed)
 
     def forward(self, x: Tensor) -> Tensor:
-        padded, _, _, combined, (out_h, out_w) = self._attend(x)
-        batch, channels = padded.shape[:2]
-        keys = padded.shape[-2] * padded.shape[-1]
-        # Every head gathers all input channels: (B, C, keys) @ (B, keys, heads * queries).
-        gathered = torch.bmm(padded.reshape(batch, channels, keys), combined.reshape(batch, -1, keys).transpose(1, 2))
-        # Channel index c * heads + head matches weight.reshape(out, in/groups * heads): the output projection
-        # of all heads is one grouped 1x1 convolution with the convolution's own weight.
-        gathered = gathered.reshape(batch, channels * self.num_heads, out_h * out_w)
-        projection = self.weight.reshape(self.out_channels, -1, 1)
-        out = F.conv1d(gathered, projection, self.bias, groups=self.groups)
-        return out.reshape(batch, self.out_channels, out_h, out_w)
+        values, positional, content, weight, (out_h, out_w) = self._attend(x)
+        batch, channels = values.shape[:2]
+        heads, groups = self.num_heads, self.groups
+        values = values.permute(0, 2, 3, 1).reshape(batch, -1, channels)
+        combined = self._mix_by_query(positional, content, weight)
+        # Every head gathers every input channel: rows (query, head), columns channel.
+        gathered = torch.bmm(combined.reshape(batch, -1, values.shape[1]), values)
+        # Channels ordered (group, head, channel) so the output projection of all heads is one grouped
+        # 1x1 convolution; channels-last, as the product above laid it out.
+        gathered = gathered.reshape(batch, out_h, out_w, heads, groups, channels // groups).transpose(3, 4)
+        gathered = gathered.reshape(batch, out_h, out_w, -1).permute(0, 3, 1, 2)
+        out = F.conv2d(gathered, self._projection(), self.bias, groups=groups)
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def attention(self, x: Tensor) -> AttentionMaps:
         """The attention maps this layer applies to ``x`` (detached), with the offsets to measure them."""
         with torch.no_grad():
-            _, positional, content, combined, out_size = self._attend(x)
-            offsets = relative_offsets(self.geometry, x.shape[-2], x.shape[-1], device=x.device)
+            _, positional, content, weight, out_size = self._attend(x)
+            combined = torch.lerp(positional.unsqueeze(0), content, weight.reshape(1, -1, 1, 1))
+            height, width = x.shape[-2:]
+            offsets = relative_offsets(self.geometry, height, width, image_keys=self._image_keys, device=x.device)
             return AttentionMaps(
                 positional=positional,
                 content=content,
                 combined=combined,
-                content_weight=self.content_weight().detach().clone(),
+                content_weight=weight.clone(),
                 offsets=offsets,
                 output_size=out_size,
-                padded_size=self.geometry.padded_size(x.shape[-2], x.shape[-1]),
+                key_size=(height, width) if self._image_keys else self.geometry.padded_size(height, width),
             )

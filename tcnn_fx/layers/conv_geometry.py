@@ -134,6 +134,17 @@ class ConvGeometry:
         """
         return tuple(d * (k - 1) // 2 for k, d in zip(self.kernel_size, self.dilation))
 
+    def query_origin(self, height: int, width: int) -> tuple[int, int] | None:
+        """Input pixel of the first query when every query's centre pixel lies inside the input, else ``None``.
+
+        Queries then read the input directly, without padding it.
+        """
+        out = self.output_size(height, width)
+        origin = (self.query_anchor()[0] - self.padding[0], self.query_anchor()[1] - self.padding[2])
+        last = tuple(o + (n - 1) * s for o, n, s in zip(origin, out, self.stride))
+        inside = min(origin) >= 0 and last[0] < height and last[1] < width
+        return origin if inside else None
+
     def tap_offsets(self) -> list[tuple[float, float]]:
         """Offset of each kernel tap from the kernel's centre, in pixels, row-major.
 

@@ -31,8 +31,10 @@ def _axis_offsets(
     return keys.unsqueeze(0) - queries.unsqueeze(1)
 
 
-def relative_offsets(geometry: ConvGeometry, height: int, width: int, device=None, dtype=torch.float32) -> Tensor:
-    """Offsets from every query to every key, shape ``(out_h * out_w, padded_h * padded_w, 2)``.
+def relative_offsets(
+    geometry: ConvGeometry, height: int, width: int, *, image_keys: bool = False, device=None, dtype=torch.float32
+) -> Tensor:
+    """Offsets from every query to every key, shape ``(queries, keys, 2)``, keys as in ``positional_attention``.
 
     Used to measure attention distances; the attention itself never
     materialises this tensor.
@@ -41,30 +43,36 @@ def relative_offsets(geometry: ConvGeometry, height: int, width: int, device=Non
     pad_h, pad_w = geometry.padded_size(height, width)
     rows = _axis_offsets(geometry, 0, out_h, pad_h, device, dtype)
     cols = _axis_offsets(geometry, 1, out_w, pad_w, device, dtype)
-    grid = torch.stack(
-        torch.broadcast_tensors(rows[:, None, :, None], cols[None, :, None, :]),
-        dim=-1,
-    )
-    return grid.reshape(out_h * out_w, pad_h * pad_w, 2)
+    if image_keys:
+        top, _, left, _ = geometry.padding
+        rows, cols = rows[:, top : top + height], cols[:, left : left + width]
+    grid = torch.stack(torch.broadcast_tensors(rows[:, None, :, None], cols[None, :, None, :]), dim=-1)
+    return grid.reshape(out_h * out_w, rows.shape[-1] * cols.shape[-1], 2)
 
 
 def positional_attention(
-    geometry: ConvGeometry, centres: Tensor, locality: Tensor, height: int, width: int
+    geometry: ConvGeometry, centres: Tensor, locality: Tensor, height: int, width: int, *, image_keys: bool = False
 ) -> Tensor:
     """Attention of every head from every output pixel to every padded-grid pixel.
 
     ``centres`` is ``(heads, 2)`` (row, column offsets from the query),
-    ``locality`` is ``(heads,)``.  Returns ``(heads, out_h * out_w, padded_h *
-    padded_w)`` in the dtype of ``centres``; each row sums to one.
+    ``locality`` is ``(heads,)``.  Returns ``(heads, out_h * out_w, keys)`` in
+    the dtype of ``centres``.  The softmax always runs over the padded grid;
+    with ``image_keys`` the padding's columns are then dropped (``keys =
+    height * width``), which is exact for zero padding, whose pixels carry no
+    value: rows near the border then sum to less than one, as a zero-padded
+    convolution's taps do.
     """
     out_h, out_w = geometry.output_size(height, width)
     pad_h, pad_w = geometry.padded_size(height, width)
+    top, _, left, _ = geometry.padding
     heads = centres.shape[0]
     factors = []
-    for axis, (out_len, padded_len) in enumerate(((out_h, pad_h), (out_w, pad_w))):
+    for axis, (out_len, padded_len, in_len, start) in enumerate(((out_h, pad_h, height, top), (out_w, pad_w, width, left))):
         offsets = _axis_offsets(geometry, axis, out_len, padded_len, centres.device, centres.dtype)
         scores = -locality[:, None, None] * (offsets.unsqueeze(0) - centres[:, axis, None, None]).square()
-        factors.append(scores.softmax(dim=-1))
-    rows, cols = factors  # (heads, out_h, pad_h), (heads, out_w, pad_w)
+        factor = scores.softmax(dim=-1)
+        factors.append(factor[..., start : start + in_len] if image_keys else factor)
+    rows, cols = factors  # (heads, out_h, key rows), (heads, out_w, key columns)
     attention = rows[:, :, None, :, None] * cols[:, None, :, None, :]
-    return attention.reshape(heads, out_h * out_w, pad_h * pad_w)
+    return attention.reshape(heads, out_h * out_w, rows.shape[-1] * cols.shape[-1])

@@ -1,0 +1,124 @@
+"""ConvAttention2d against the nn.Conv2d it came from: latency, FLOPs and achieved FLOP/s.
+
+Both run side by side in one process, interleaved, in eval mode without
+autograd (so the layer reuses its positional attention), float32 on the CPU.
+The table says for each shape the latency ratio, the FLOP ratio (the limit of
+this construction: attention does more arithmetic than the convolution) and
+the achieved FLOP/s of each; the target is that the layer achieves at least
+80% of the convolution's FLOP/s at 7x7 and 14x14.  It also times a plain
+``torch.bmm`` and ``torch.mm`` of representative size: the batched products
+of attention run on the BLAS library, whose rate on the machine bounds the
+layer's.
+
+    python benchmarks/conv_attention_speed.py [--batch 8] [--rounds 30] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+
+import torch
+from torch import nn
+
+from tcnn_fx import ConvAttention2d
+from tcnn_fx.timing import count_flops, time_side_by_side
+
+#: (channels, input resolution, stride): the shapes the targets are stated for.
+SHAPES = [(512, 7, 1), (512, 14, 2), (256, 14, 1), (128, 28, 1)]
+EFFICIENCY_TARGET = 0.8
+TARGET_RESOLUTIONS = (7, 14)
+
+
+def measure(channels: int, resolution: int, stride: int, batch: int, rounds: int) -> dict:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(channels, channels, 3, stride=stride, padding=1, bias=False).eval()
+    layer = ConvAttention2d.from_conv(conv).eval()
+    x = torch.randn(batch, channels, resolution, resolution)
+    with torch.no_grad():
+        error = ((layer(x) - conv(x)).abs().max() / conv(x).abs().max()).item()
+        flops = {"conv": count_flops(lambda: conv(x)), "attention": count_flops(lambda: layer(x))}
+        timing = time_side_by_side({"conv": lambda: conv(x), "attention": lambda: layer(x)}, rounds=rounds)
+    rate = {name: flops[name] / timing[name].median for name in flops}
+    return {
+        "channels": channels,
+        "resolution": resolution,
+        "stride": stride,
+        "batch": batch,
+        "conv_ms": timing["conv"].median * 1e3,
+        "attention_ms": timing["attention"].median * 1e3,
+        "latency_ratio": timing["attention"].median / timing["conv"].median,
+        "flop_ratio": flops["attention"] / flops["conv"],
+        "conv_gflops": rate["conv"] / 1e9,
+        "attention_gflops": rate["attention"] / 1e9,
+        "efficiency": rate["attention"] / rate["conv"],
+        "max_relative_error": error,
+    }
+
+
+def blas_rates(rounds: int) -> dict:
+    """GFLOP/s of the BLAS products attention uses, at sizes typical of the shapes above."""
+    a, b = torch.randn(8, 1764, 196), torch.randn(8, 196, 256)
+    m, n = torch.randn(1568, 2304), torch.randn(2304, 256)
+    timing = time_side_by_side({"bmm": lambda: torch.bmm(a, b), "mm": lambda: torch.mm(m, n)}, rounds=rounds)
+    return {
+        "bmm_gflops": 2 * 8 * 1764 * 196 * 256 / timing["bmm"].median / 1e9,
+        "mm_gflops": 2 * 1568 * 2304 * 256 / timing["mm"].median / 1e9,
+    }
+
+
+def machine() -> dict:
+    return {
+        "processor": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "blas": "MKL" if torch.backends.mkl.is_available() else "other",
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| C | input | stride | conv ms | attention ms | latency ratio | FLOP ratio | conv GFLOP/s | attention GFLOP/s | efficiency | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        target = "-" if r["resolution"] not in TARGET_RESOLUTIONS else ("met" if r["efficiency"] >= EFFICIENCY_TARGET else "missed")
+        lines.append(
+            f"| {r['channels']} | {r['resolution']}x{r['resolution']} | {r['stride']} | {r['conv_ms']:.2f} | "
+            f"{r['attention_ms']:.2f} | {r['latency_ratio']:.2f} | {r['flop_ratio']:.2f} | {r['conv_gflops']:.0f} | "
+            f"{r['attention_gflops']:.0f} | {r['efficiency']:.2f} | {target} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args()
+    rows = [measure(c, r, s, args.batch, args.rounds) for c, r, s in SHAPES]
+    report = {"machine": machine(), "blas": blas_rates(args.rounds), "results": rows}
+    print(json.dumps(report["machine"]))
+    print(f"BLAS on this machine: bmm {report['blas']['bmm_gflops']:.0f} GFLOP/s, mm {report['blas']['mm_gflops']:.0f} GFLOP/s")
+    print(markdown(rows))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(report, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()
