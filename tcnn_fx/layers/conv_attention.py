@@ -315,27 +315,12 @@ class ConvAttention2d(nn.Module):
 
         return self._derived("positional", (self.centres, self.locality), (height, width, dtype), compute)
 
-    def _projection(self) -> Tensor:
-        """The convolution weight as one 1x1 convolution over all heads' gathered features.
-
-        Shape ``(out, heads * in/groups, 1, 1)``, input channels ordered (group,
-        head, channel) to match the gathered features.
-        """
-
-        def compute() -> Tensor:
-            w = self.weight.reshape(self.out_channels, self.in_channels // self.groups, self.num_heads)
-            return w.transpose(1, 2).reshape(self.out_channels, -1, 1, 1)
-
-        return self._derived("projection", (self.weight,), (), compute)
-
     def _pixels(self, x: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
-        """Channels-last query pixels ``(B, C, out_h, out_w)`` and key/value pixels, output size.
+        """Query pixels ``(B, C, out_h, out_w)`` and key/value pixels ``(B, C, rows, columns)``, output size.
 
         Keys and values are the input itself for zero padding, the padded input
         otherwise; queries are the pixels under the kernel centres.  When those
         are exactly the keys, the same tensor is returned for both.
-        Channels-last because every product below treats pixels as rows and
-        channels as columns.
         """
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
@@ -344,7 +329,7 @@ class ConvAttention2d(nn.Module):
         g = self.geometry
         height, width = x.shape[-2:]
         out_h, out_w = g.output_size(height, width)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous()
         origin = g.query_origin(height, width) if self._image_keys else None
         if origin is not None:
             source, padded = x, x
@@ -356,7 +341,7 @@ class ConvAttention2d(nn.Module):
         if origin == (0, 0) and g.stride == (1, 1) and (out_h, out_w) == tuple(source.shape[-2:]):
             return source, keys, (out_h, out_w)
         queries = source[:, :, origin[0] :: g.stride[0], origin[1] :: g.stride[1]][:, :, :out_h, :out_w]
-        return queries.contiguous(memory_format=torch.channels_last), keys, (out_h, out_w)
+        return queries, keys, (out_h, out_w)
 
     def _content(self, queries: Tensor, keys: Tensor) -> Tensor:
         """Content attention ``(B, heads, queries, keys)``: softmax of scaled query-key products."""
@@ -367,61 +352,43 @@ class ConvAttention2d(nn.Module):
             q, k = F.conv2d(keys, torch.cat([query_weight, key_weight])).split(heads * dim, dim=1)
         else:
             q, k = F.conv2d(queries, query_weight), F.conv2d(keys, key_weight)
-        q = q.permute(0, 2, 3, 1).reshape(batch, -1, heads, dim).transpose(1, 2)
-        k = k.permute(0, 2, 3, 1).reshape(batch, -1, heads, dim).permute(0, 2, 3, 1)
-        scores = torch.matmul(q, k)
+        scores = torch.matmul(q.reshape(batch, heads, dim, -1).transpose(-1, -2), k.reshape(batch, heads, dim, -1))
         return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(queries.dtype)
 
     def _attend(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[int, int]]:
-        """Key/value pixels, positional and content attention, per-head content weight, output size."""
+        """Key/value pixels, positional, content and combined attention, output size."""
         queries, keys, out_size = self._pixels(x)
         positional = self._positional(x.shape[-2], x.shape[-1], x.dtype)
         content = self._content(queries, keys)
-        return keys, positional, content, self.content_weight().to(x.dtype), out_size
-
-    @staticmethod
-    def _mix_by_query(positional: Tensor, content: Tensor, weight: Tensor) -> Tensor:
-        """Combined attention laid out ``(B, queries, heads, keys)``, as the gather needs it.
-
-        Without autograd the mix is written straight into that layout, saving a
-        pass over the largest tensor of the layer.
-        """
-        batch, heads, queries, keys = content.shape
-        positional, content = positional.transpose(0, 1).unsqueeze(0), content.transpose(1, 2)
-        weight = weight.reshape(1, 1, heads, 1)
-        if torch.is_grad_enabled():
-            return torch.lerp(positional, content, weight).contiguous()
-        mixed = content.new_empty(batch, queries, heads, keys)
-        return torch.lerp(positional, content, weight, out=mixed)
+        weight = self.content_weight().to(x.dtype).reshape(1, -1, 1, 1)
+        return keys, positional, content, torch.lerp(positional.unsqueeze(0), content, weight), out_size
 
     def forward(self, x: Tensor) -> Tensor:
-        values, positional, content, weight, (out_h, out_w) = self._attend(x)
+        values, _, _, combined, (out_h, out_w) = self._attend(x)
         batch, channels = values.shape[:2]
-        heads, groups = self.num_heads, self.groups
-        values = values.permute(0, 2, 3, 1).reshape(batch, -1, channels)
-        combined = self._mix_by_query(positional, content, weight)
-        # Every head gathers every input channel: rows (query, head), columns channel.
-        gathered = torch.bmm(combined.reshape(batch, -1, values.shape[1]), values)
-        # Channels ordered (group, head, channel) so the output projection of all heads is one grouped
-        # 1x1 convolution; channels-last, as the product above laid it out.
-        gathered = gathered.reshape(batch, out_h, out_w, heads, groups, channels // groups).transpose(3, 4)
-        gathered = gathered.reshape(batch, out_h, out_w, -1).permute(0, 3, 1, 2)
-        out = F.conv2d(gathered, self._projection(), self.bias, groups=groups)
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        num_keys = values.shape[-2] * values.shape[-1]
+        # Every head gathers every input channel: (B, C, keys) @ (B, keys, heads * queries).
+        gathered = torch.bmm(values.reshape(batch, channels, num_keys), combined.reshape(batch, -1, num_keys).mT)
+        # Channel c * heads + head is head `head`'s copy of input channel c: in that order the output
+        # projection of all heads is one grouped 1x1 convolution whose weight is the convolution's own.
+        gathered = gathered.reshape(batch, channels * self.num_heads, out_h, out_w)
+        projection = self.weight.reshape(self.out_channels, -1, 1, 1)
+        out = F.conv2d(gathered, projection, self.bias, groups=self.groups)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            return out.contiguous(memory_format=torch.channels_last)  # as nn.Conv2d answers channels-last input
+        return out
 
     def attention(self, x: Tensor) -> AttentionMaps:
         """The attention maps this layer applies to ``x`` (detached), with the offsets to measure them."""
         with torch.no_grad():
-            _, positional, content, weight, out_size = self._attend(x)
-            combined = torch.lerp(positional.unsqueeze(0), content, weight.reshape(1, -1, 1, 1))
+            _, positional, content, combined, out_size = self._attend(x)
             height, width = x.shape[-2:]
             offsets = relative_offsets(self.geometry, height, width, image_keys=self._image_keys, device=x.device)
             return AttentionMaps(
                 positional=positional,
                 content=content,
                 combined=combined,
-                content_weight=weight.clone(),
+                content_weight=self.content_weight().detach().clone(),
                 offsets=offsets,
                 output_size=out_size,
                 key_size=(height, width) if self._image_keys else self.geometry.padded_size(height, width),

@@ -1,0 +1,68 @@
+"""ConvAttention2d equals the convolution it was built from, at initialisation."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from torch import nn
+
+from strategies import conv_cases
+from tcnn_fx import ConvAttention2d
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+@settings(max_examples=150)
+@given(case=conv_cases())
+def test_equals_convolution_at_init(case, dtype, tolerance):
+    conv = case.conv(dtype)
+    layer = ConvAttention2d.from_conv(conv)
+    x = case.input(dtype)
+    expected = conv(x)
+    actual = layer(x)
+    assert actual.shape == expected.shape
+    assert actual.dtype == dtype
+    assert relative_error(actual, expected) <= tolerance
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("size", [(7, 7), (5, 9), (14, 13)])
+def test_borders_are_exact_for_every_padding_mode(padding_mode, size):
+    # Half of a 7x7 map's pixels are border pixels: a renormalised softmax would be visibly wrong there.
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, 3, padding=1, padding_mode=padding_mode).double()
+    x = torch.randn(2, 6, *size, dtype=torch.float64)
+    layer = ConvAttention2d.from_conv(conv)
+    assert relative_error(layer(x), conv(x)) <= 1e-12
+    border = conv(x).clone()
+    border[..., 1:-1, 1:-1] = 0
+    assert relative_error(layer(x) * (border != 0), border) <= 1e-12
+
+
+def test_torchvision_stage4_convolution_is_exact():
+    torchvision = pytest.importorskip("torchvision")
+    block = torchvision.models.resnet18().layer4[0]
+    for conv in (block.conv1, block.conv2):
+        x = torch.randn(2, conv.in_channels, 14 if conv.stride == (2, 2) else 7, 14 if conv.stride == (2, 2) else 7)
+        with torch.no_grad():
+            assert relative_error(ConvAttention2d.from_conv(conv)(x), conv(x)) <= 1e-6
+
+
+def test_same_padding_with_even_kernel_pads_the_far_side():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, (2, 4), padding="same", dilation=(3, 1)).double()
+    x = torch.randn(1, 3, 6, 7, dtype=torch.float64)
+    assert relative_error(ConvAttention2d.from_conv(conv)(x), conv(x)) <= 1e-12
+
+
+def test_channels_last_input_gives_channels_last_output_like_conv():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    out = ConvAttention2d.from_conv(conv)(x)
+    assert out.is_contiguous(memory_format=torch.channels_last) == conv(x).is_contiguous(
+        memory_format=torch.channels_last
+    )
+    assert relative_error(out, conv(x)) <= 1e-6
