@@ -14,7 +14,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-6), (torch.float64, 1e-12)])
-@settings(max_examples=150)
+@settings(max_examples=300)
 @given(case=conv_cases())
 def test_equals_convolution_at_init(case, dtype, tolerance):
     conv = case.conv(dtype)
