@@ -132,6 +132,11 @@ class AttentionMaps:
         return (self.combined * distance).sum(dim=(0, 2, 3)) / self.combined.sum(dim=(0, 2, 3))
 
 
+def _capturing() -> bool:
+    """Whether the forward pass is being traced or compiled rather than run."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or is_in_torch_dispatch_mode()
+
+
 def _reject_unsupported(conv: nn.Module) -> None:
     """Raise a clear error for a module that ``from_conv`` cannot reproduce exactly."""
     if isinstance(conv, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
@@ -283,7 +288,7 @@ class ConvAttention2d(nn.Module):
         Not when gradients must reach them, nor under tracing or compilation,
         where a cached tensor would be baked into the captured graph.
         """
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or is_in_torch_dispatch_mode():
+        if _capturing():
             return False
         return not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
 
@@ -356,15 +361,17 @@ class ConvAttention2d(nn.Module):
         return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(queries.dtype)
 
     def _attend(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[int, int]]:
-        """Key/value pixels, positional, content and combined attention, output size."""
+        """Key/value pixels, positional and content attention, per-head content weight, output size."""
         queries, keys, out_size = self._pixels(x)
         positional = self._positional(x.shape[-2], x.shape[-1], x.dtype)
         content = self._content(queries, keys)
-        weight = self.content_weight().to(x.dtype).reshape(1, -1, 1, 1)
-        return keys, positional, content, torch.lerp(positional.unsqueeze(0), content, weight), out_size
+        return keys, positional, content, self.content_weight().to(x.dtype).reshape(1, -1, 1, 1), out_size
 
     def forward(self, x: Tensor) -> Tensor:
-        values, _, _, combined, (out_h, out_w) = self._attend(x)
+        values, positional, content, weight, (out_h, out_w) = self._attend(x)
+        # In eager inference the mix overwrites the content map: one large allocation fewer.
+        out = None if torch.is_grad_enabled() or _capturing() else content
+        combined = torch.lerp(positional.unsqueeze(0), content, weight, out=out)
         batch, channels = values.shape[:2]
         num_keys = values.shape[-2] * values.shape[-1]
         # Every head gathers every input channel: (B, C, keys) @ (B, keys, heads * queries).
@@ -381,7 +388,8 @@ class ConvAttention2d(nn.Module):
     def attention(self, x: Tensor) -> AttentionMaps:
         """The attention maps this layer applies to ``x`` (detached), with the offsets to measure them."""
         with torch.no_grad():
-            _, positional, content, combined, out_size = self._attend(x)
+            _, positional, content, weight, out_size = self._attend(x)
+            combined = torch.lerp(positional.unsqueeze(0), content, weight)
             height, width = x.shape[-2:]
             offsets = relative_offsets(self.geometry, height, width, image_keys=self._image_keys, device=x.device)
             return AttentionMaps(
