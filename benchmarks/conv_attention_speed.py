@@ -11,12 +11,22 @@ of attention run on the BLAS library, whose rate on the machine bounds the
 layer's.
 
     python benchmarks/conv_attention_speed.py [--batch 8] [--rounds 30] [--json out.json]
+
+The layer allocates large attention maps each call; glibc returns such blocks
+to the system and faults them in again on the next call.  PyTorch's CPU
+performance guide recommends an allocator that keeps them (jemalloc,
+tcmalloc); with glibc the same effect comes from
+
+    MALLOC_MMAP_THRESHOLD_=10000000000 MALLOC_TRIM_THRESHOLD_=10000000000 python benchmarks/...
+
+and the machine description in the output says which was in force.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 
 import torch
@@ -28,6 +38,9 @@ from tcnn_fx.timing import count_flops, time_side_by_side
 #: (channels, input resolution, stride): the shapes the targets are stated for.
 SHAPES = [(512, 7, 1), (512, 14, 2), (256, 14, 1), (128, 28, 1)]
 EFFICIENCY_TARGET = 0.8
+#: glibc settings that keep freed memory instead of returning it to the system (PyTorch's CPU allocator
+#: does not cache, so without them every large attention buffer is page-faulted in anew).
+MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 TARGET_RESOLUTIONS = (7, 14)
 
 
@@ -75,6 +88,7 @@ def machine() -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "blas": "MKL" if torch.backends.mkl.is_available() else "other",
+        "malloc": {k: os.environ[k] for k in MALLOC_SETTINGS if k in os.environ} or "glibc defaults",
     }
 
 
