@@ -219,7 +219,7 @@ class ConvAttention2d(nn.Module):
         self.gate = nn.Parameter(torch.full((heads,), self.config.gate_init, **factory))
         for projection in (self.query_weight, self.key_weight):
             nn.init.kaiming_uniform_(projection, a=math.sqrt(5))  # nn.Linear's default
-        self._derived_cache: dict[str, tuple[tuple, Tensor]] = {}
+        self._positional_cache: tuple[tuple, Tensor] | None = None
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, config: ConvAttentionConfig | None = None) -> ConvAttention2d:
@@ -282,43 +282,32 @@ class ConvAttention2d(nn.Module):
         """
         return self.geometry.padding_mode == "zeros"
 
-    def _cacheable(self, *params: Tensor) -> bool:
-        """Whether tensors derived from ``params`` may be reused across calls.
-
-        Not when gradients must reach them, nor under tracing or compilation,
-        where a cached tensor would be baked into the captured graph.
-        """
-        if _capturing():
-            return False
-        return not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
-
-    def _derived(self, name: str, params: tuple[Tensor, ...], extra: tuple, compute) -> Tensor:
-        """``compute()``, reused while ``params`` (by storage and version) and ``extra`` are unchanged."""
-        if not self._cacheable(*params):
-            return compute()
-        key = extra + tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        entry = self._derived_cache.get(name)
-        if entry is None or entry[0] != key:
-            with torch.no_grad():
-                entry = (key, compute())
-            self._derived_cache[name] = entry
-        return entry[1]
-
     def _positional(self, height: int, width: int, dtype: torch.dtype) -> Tensor:
-        """Positional attention ``(heads, queries, keys)``, computed in at least float32 so scores cannot overflow."""
+        """Positional attention ``(heads, queries, keys)`` for an input of ``height`` x ``width``.
+
+        Computed in at least float32 so half-precision scores cannot overflow.
+        Reused across calls while the input size, the dtype and ``centres`` and
+        ``locality`` (by storage and version, so optimiser steps, loads and
+        moves count) are unchanged; recomputed whenever gradient must reach
+        them, and under tracing or compilation, where a cached tensor would be
+        baked into the captured graph.
+        """
+        params = (self.centres, self.locality)
+        compute_dtype = torch.promote_types(self.centres.dtype, torch.float32)
 
         def compute() -> Tensor:
-            compute_dtype = torch.promote_types(self.centres.dtype, torch.float32)
+            centres, locality = (p.to(compute_dtype) for p in params)
             return positional_attention(
-                self.geometry,
-                self.centres.to(compute_dtype),
-                self.locality.to(compute_dtype),
-                height,
-                width,
-                image_keys=self._image_keys,
+                self.geometry, centres, locality, height, width, image_keys=self._image_keys
             ).to(dtype)
 
-        return self._derived("positional", (self.centres, self.locality), (height, width, dtype), compute)
+        if _capturing() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            return compute()
+        key = (height, width, dtype) + tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._positional_cache is None or self._positional_cache[0] != key:
+            with torch.no_grad():
+                self._positional_cache = (key, compute())
+        return self._positional_cache[1]
 
     def _pixels(self, x: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
         """Query pixels ``(B, C, out_h, out_w)`` and key/value pixels ``(B, C, rows, columns)``, output size.
