@@ -24,7 +24,11 @@ def test_equals_convolution_at_init(case, dtype, tolerance):
     actual = layer(x)
     assert actual.shape == expected.shape
     assert actual.dtype == dtype
-    assert relative_error(actual, expected) <= tolerance
+    if expected.abs().max() == 0:  # every tap reads padding: relative error is undefined, compare to the scale
+        scale = x.abs().max() * conv.weight.abs().sum(dim=(1, 2, 3)).max()
+        assert actual.abs().max() <= tolerance * scale
+    else:
+        assert relative_error(actual, expected) <= tolerance
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])

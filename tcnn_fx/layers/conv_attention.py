@@ -132,6 +132,20 @@ class AttentionMaps:
         return (self.combined * distance).sum(dim=(0, 2, 3)) / self.combined.sum(dim=(0, 2, 3))
 
 
+def _qk_dim(config: ConvAttentionConfig, in_channels: int, heads: int) -> int:
+    return config.qk_dim or min(32, max(8, in_channels // heads))
+
+
+def _shares_query_pixels(geometry: ConvGeometry, height: int, width: int) -> bool:
+    """Whether the query pixels are exactly the key pixels (zero padding, stride 1, output size = input size)."""
+    return (
+        geometry.padding_mode == "zeros"
+        and geometry.stride == (1, 1)
+        and geometry.query_origin(height, width) == (0, 0)
+        and geometry.output_size(height, width) == (height, width)
+    )
+
+
 def _capturing() -> bool:
     """Whether the forward pass is being traced or compiled rather than run."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or is_in_torch_dispatch_mode()
@@ -169,8 +183,9 @@ def _reject_unsupported(conv: nn.Module) -> None:
 class ConvAttention2d(nn.Module):
     """Multi-head self-attention that equals an ``nn.Conv2d`` at initialisation.
 
-    Takes the same arguments as ``nn.Conv2d`` plus a ``ConvAttentionConfig``;
-    NCHW in, NCHW out.  ``weight`` and ``bias`` have ``nn.Conv2d``'s layout
+    Takes the same arguments as ``nn.Conv2d`` plus a ``ConvAttentionConfig``
+    (``padding`` may also be four ints: top, bottom, left, right); NCHW in,
+    NCHW out.  ``weight`` and ``bias`` have ``nn.Conv2d``'s layout
     (tap ``(i, j)`` of ``weight`` is head ``i * kernel_w + j``'s output
     projection).  Use ``from_conv`` to recast a trained convolution.
 
@@ -185,7 +200,7 @@ class ConvAttention2d(nn.Module):
         out_channels: int,
         kernel_size: int | tuple[int, int],
         stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
+        padding: int | tuple[int, ...] | str = 0,
         dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         bias: bool = True,
@@ -205,7 +220,7 @@ class ConvAttention2d(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         heads = geometry.num_taps
-        self.qk_dim = self.config.qk_dim or min(32, max(8, in_channels // heads))
+        self.qk_dim = _qk_dim(self.config, in_channels, heads)
         factory = {"device": device, "dtype": dtype}
 
         # nn.Conv2d's own initialisation, so a layer built from scratch is a random convolution.
@@ -230,25 +245,70 @@ class ConvAttention2d(nn.Module):
         ``F.conv2d`` of their weights (custom ``forward``, hooks, lazy weights).
         """
         _reject_unsupported(conv)
+        return cls.from_weights(ConvGeometry.of(conv), conv.weight, conv.bias, config).train(conv.training)
+
+    @classmethod
+    def from_weights(
+        cls, geometry: ConvGeometry, weight: Tensor, bias: Tensor | None = None, config: ConvAttentionConfig | None = None
+    ) -> ConvAttention2d:
+        """The layer equal to ``F.conv2d`` with ``weight``, ``bias`` and ``geometry``, on ``weight``'s device and dtype.
+
+        For convolutions that exist only as a function call in a graph (a
+        padding folded in, weights owned by another module).
+        """
+        out_channels, in_per_group = weight.shape[:2]
+        if tuple(weight.shape[2:]) != geometry.kernel_size:
+            raise ValueError(f"weight of shape {tuple(weight.shape)} does not match kernel {geometry.kernel_size}")
+        top, bottom, left, right = geometry.padding
         layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
+            in_per_group * geometry.groups,
+            out_channels,
+            geometry.kernel_size,
+            stride=geometry.stride,
+            padding=(top, bottom, left, right),
+            dilation=geometry.dilation,
+            groups=geometry.groups,
+            bias=bias is not None,
+            padding_mode=geometry.padding_mode,
             config=config,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
+            device=weight.device,
+            dtype=weight.dtype,
         )
         with torch.no_grad():
-            layer.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        return layer.train(conv.training)
+            layer.weight.copy_(weight)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    @staticmethod
+    def cost(
+        geometry: ConvGeometry,
+        in_channels: int,
+        out_channels: int,
+        height: int,
+        width: int,
+        *,
+        bias: bool = True,
+        config: ConvAttentionConfig | None = None,
+    ) -> tuple[int, int]:
+        """FLOPs per image (as ``torch.utils.flop_counter`` counts them) and parameters of such a layer.
+
+        The FLOPs are the convolution's (the output projection) plus the
+        attention products: query and key projections, query-key scores and
+        the gather of every channel by every head.
+        """
+        heads = geometry.num_taps
+        qk = _qk_dim(config or ConvAttentionConfig(), in_channels, heads)
+        out_h, out_w = geometry.output_size(height, width)
+        queries = out_h * out_w
+        keys = height * width if geometry.padding_mode == "zeros" else math.prod(geometry.padded_size(height, width))
+        query_pixels = keys if _shares_query_pixels(geometry, height, width) else queries
+        flops = geometry.conv_flops(in_channels, out_channels, height, width)
+        flops += 2 * in_channels * heads * qk * (query_pixels + keys)
+        flops += 2 * heads * queries * keys * (qk + in_channels)
+        params = out_channels * (in_channels // geometry.groups) * heads + (out_channels if bias else 0)
+        params += 2 * heads * qk * in_channels + 4 * heads  # query, key; centres (2), locality, gate
+        return flops, params
 
     @property
     def num_heads(self) -> int:
@@ -332,8 +392,8 @@ class ConvAttention2d(nn.Module):
             padded = F.pad(x, g.pad_last_first, mode=mode) if any(g.padding) else x
             source, origin = padded, g.query_anchor()
         keys = x if self._image_keys else padded
-        if origin == (0, 0) and g.stride == (1, 1) and (out_h, out_w) == tuple(source.shape[-2:]):
-            return source, keys, (out_h, out_w)
+        if _shares_query_pixels(g, height, width):
+            return keys, keys, (out_h, out_w)
         queries = source[:, :, origin[0] :: g.stride[0], origin[1] :: g.stride[1]][:, :, :out_h, :out_w]
         return queries, keys, (out_h, out_w)
 

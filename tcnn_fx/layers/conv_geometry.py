@@ -21,7 +21,7 @@ def _pair(value: int | tuple[int, ...], name: str) -> tuple[int, int]:
     if isinstance(value, int):
         return (value, value)
     if len(value) != 2:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        raise ValueError(f"{name} must be an int or a pair of ints{' or four ints' * (name == 'padding')}, got {value!r}")
     return (int(value[0]), int(value[1]))
 
 
@@ -64,12 +64,12 @@ class ConvGeometry:
         cls,
         kernel_size: int | tuple[int, int],
         stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
+        padding: int | tuple[int, ...] | str = 0,
         dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         padding_mode: str = "zeros",
     ) -> ConvGeometry:
-        """Build the geometry from ``nn.Conv2d``-style arguments."""
+        """Build the geometry from ``nn.Conv2d``-style arguments; ``padding`` may also be (top, bottom, left, right)."""
         kernel = _pair(kernel_size, "kernel_size")
         stride_ = _pair(stride, "stride")
         dilation_ = _pair(dilation, "dilation")
@@ -82,6 +82,8 @@ class ConvGeometry:
                 sides = _split(dilation_[0] * (kernel[0] - 1)) + _split(dilation_[1] * (kernel[1] - 1))
             else:
                 raise ValueError(f"padding {padding!r} is not an int, a pair of ints, 'same' or 'valid'")
+        elif not isinstance(padding, int) and len(padding) == 4:
+            sides = tuple(int(p) for p in padding)
         else:
             ph, pw = _pair(padding, "padding")
             sides = (ph, ph, pw, pw)
