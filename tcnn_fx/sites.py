@@ -117,6 +117,7 @@ class Site:
     conv_params: int
     attention_params: int
     convertible: bool
+    input_node: str = ""
     reason: str | None = None
     pad_node: str | None = None
     norm_node: str | None = None
@@ -271,6 +272,7 @@ class _SiteBuilder:
             )
             facts["pad_node"] = source.name
             source = source.args[0]
+        facts["input_node"] = source.name
         facts["input_size"] = spatial_size(source)
         facts["output_size"] = spatial_size(node)
         facts.update(self._followers(node))

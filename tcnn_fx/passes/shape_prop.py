@@ -11,6 +11,7 @@ import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.utils.flop_counter import FlopCounterMode
 
 
 class ShapePropagationError(RuntimeError):
@@ -36,16 +37,28 @@ def propagate_shapes(graph_module: fx.GraphModule, example_inputs: tuple) -> Non
 
     Only the inputs' shapes, dtypes and devices matter; their values are not read.
     """
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    device = _parameter_device(graph_module)
-    fake = [mode.from_tensor(x.to("meta") if device.type == "meta" else x) for x in example_inputs]
+    mode, fake = _fake_inputs(graph_module, example_inputs)
     _NamedFakeTensorProp(graph_module, mode).propagate_dont_convert_inputs(*fake)
 
 
-def _parameter_device(module: torch.nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    return torch.device("cpu")
+def fake_flops(module: torch.nn.Module, example_inputs: tuple) -> int:
+    """FLOPs of one forward pass of ``module`` on inputs shaped like ``example_inputs``, computed on fake tensors.
+
+    Counted by ``torch.utils.flop_counter`` (matrix products and
+    convolutions), without allocating or computing anything real.
+    """
+    mode, fake = _fake_inputs(module, example_inputs)
+    with mode, FlopCounterMode(display=False) as counter:
+        module(*fake)
+    return counter.get_total_flops()
+
+
+def _fake_inputs(module: torch.nn.Module, example_inputs: tuple) -> tuple[FakeTensorMode, list]:
+    """A fake mode and fake copies of the inputs, on the meta device if the module's parameters are."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    parameter = next(module.parameters(), None)
+    on_meta = parameter is not None and parameter.device.type == "meta"
+    return mode, [mode.from_tensor(x.to("meta") if on_meta else x) for x in example_inputs]
 
 
 def spatial_size(node: fx.Node) -> tuple[int, int] | None:

@@ -1,0 +1,176 @@
+"""``tcnn_fx.rewrite``: capture, find sites, apply a policy, convert, report.
+
+Data flows one way: capture -> shapes -> sites -> policy plan -> convert ->
+(verify).  The user's model is copied first and never touched; any failure
+raises before anything is returned, so no half-rewritten model escapes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from tcnn_fx.capture import capture
+from tcnn_fx.layers import ConvAttentionConfig
+from tcnn_fx.passes.conv_to_attention import Conversion, convert_sites
+from tcnn_fx.passes.shape_prop import fake_flops, propagate_shapes
+from tcnn_fx.policy import Policy
+from tcnn_fx.sites import Site, find_sites
+
+REPORT_KEY = "tcnn_fx.report"
+DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
+
+
+@dataclass(frozen=True)
+class RewriteReport:
+    """What ``rewrite`` did: converted sites, skipped sites with reasons, and the cost ratios (hybrid / CNN)."""
+
+    converted: tuple[str, ...]
+    skipped: dict[str, str]
+    flops: int
+    hybrid_flops: int
+    params: int
+    hybrid_params: int
+    input_shape: tuple[int, ...]
+    policy: dict | None
+    config: dict
+    spec: str | None = None
+    site_nodes: dict[str, tuple[str, str]] = field(default_factory=dict)
+    folded_norms: dict[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    capture: dict = field(default_factory=dict)
+
+    @property
+    def flop_ratio(self) -> float:
+        return self.hybrid_flops / self.flops
+
+    @property
+    def param_ratio(self) -> float:
+        return self.hybrid_params / self.params
+
+    def summary(self) -> str:
+        return (
+            f"converted {len(self.converted)} sites, skipped {len(self.skipped)}; "
+            f"FLOP ratio {self.flop_ratio:.3f}, parameter ratio {self.param_ratio:.3f}"
+        )
+
+
+SITES_KEY = "tcnn_fx.sites"
+
+
+def trace(
+    model: nn.Module, example_inputs: tuple, *, config: ConvAttentionConfig | None = None, leaf_modules=()
+) -> fx.GraphModule:
+    """Capture ``model``, propagate shapes and annotate its sites.
+
+    Every node gets ``meta['val']`` (its output as a fake tensor); every
+    convolution node ``meta['tcnn_fx.site']`` (its ``Site``: resolution,
+    stage, cost ...); the graph module ``meta['tcnn_fx.sites']`` (all sites in
+    graph order) and ``meta['tcnn_fx.capture']`` (modules kept whole and why).
+    The graph module shares ``model``'s submodules: copy the model first to
+    change it independently.
+    """
+    graph_module = capture(model, example_inputs, leaf_modules=leaf_modules)
+    propagate_shapes(graph_module, example_inputs)
+    sites = find_sites(graph_module, config)
+    nodes = {n.name: n for n in graph_module.graph.nodes}
+    for site in sites:
+        nodes[site.node].meta["tcnn_fx.site"] = site
+    graph_module.meta[SITES_KEY] = sites
+    return graph_module
+
+
+def default_inputs(model: nn.Module, example_inputs: tuple | None) -> tuple:
+    if example_inputs is not None:
+        return example_inputs
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+    return (torch.zeros(DEFAULT_INPUT_SHAPE, device=device, dtype=dtype),)
+
+
+def rewrite(
+    model: nn.Module,
+    policy: Policy | str | Iterable[str] | dict = "stage4",
+    example_inputs: tuple | None = None,
+    *,
+    config: ConvAttentionConfig | None = None,
+    fold_norm: bool = False,
+    verify: bool = False,
+    leaf_modules: Iterable[type | str] = (),
+    spec: str | None = None,
+    **layer_options,
+) -> fx.GraphModule:
+    """A copy of ``model`` with the sites ``policy`` chooses replaced by ``ConvAttention2d``.
+
+    ``example_inputs`` fixes the input shape the sites are analysed at
+    (default: one 224x224 RGB image); ``layer_options`` are
+    ``ConvAttentionConfig`` fields (or pass ``config``).  ``fold_norm`` folds
+    eval-mode batch norms into the layers.  With ``verify`` the result is
+    checked against ``model`` (``tcnn_fx.verify``) and a mismatch raises.
+    ``spec`` records how to rebuild the base model (``'torchvision:resnet50'``).
+    The ``RewriteReport`` is ``result.meta['tcnn_fx.report']`` (or
+    ``tcnn_fx.report_of(result)``).
+    """
+    if config is not None and layer_options:
+        raise TypeError(f"pass either config or layer options {sorted(layer_options)}, not both")
+    config = config or ConvAttentionConfig(**layer_options)
+    policy = Policy.coerce(policy)
+    example_inputs = default_inputs(model, example_inputs)
+    work = copy.deepcopy(model)
+    graph_module = trace(work, example_inputs, config=config, leaf_modules=leaf_modules)
+    sites = graph_module.meta[SITES_KEY]
+    plan = policy.plan(sites)
+    flops = fake_flops(graph_module, example_inputs)
+    params = sum(p.numel() for p in graph_module.parameters())
+    conversions = convert_sites(graph_module, plan, config, fold_norm=fold_norm)
+    batch = example_inputs[0].shape[0]
+    by_name = {site.name: site for site in sites}
+    extra = sum(by_name[c.site].attention_flops - by_name[c.site].conv_flops for c in conversions) * batch
+    capture_info = graph_module.meta.get("tcnn_fx.capture")
+    report = RewriteReport(
+        converted=tuple(c.site for c in conversions),
+        skipped=plan.skipped,
+        flops=flops,
+        hybrid_flops=flops + extra,
+        params=params,
+        hybrid_params=sum(p.numel() for p in graph_module.parameters()),
+        input_shape=tuple(example_inputs[0].shape),
+        policy=None if policy.where is not None else policy.to_dict(),
+        config=config.to_dict(),
+        spec=spec,
+        site_nodes={c.site: _compared_nodes(by_name[c.site], c) for c in conversions},
+        folded_norms=_folded(conversions),
+        notes=tuple(c.note for c in conversions if c.note),
+        capture=dict(capture_info.fallback_leaves) if capture_info else {},
+    )
+    graph_module.meta[REPORT_KEY] = report
+    graph_module.train(model.training)
+    if verify:
+        from tcnn_fx.verify import verify as verify_models
+
+        result = verify_models(model, graph_module, example_inputs)
+        if not result.passed:
+            raise AssertionError(f"the rewritten model does not match the original:\n{result.table()}")
+    return graph_module
+
+
+def _compared_nodes(site: Site, conversion: Conversion) -> tuple[str, str]:
+    """The original graph's nodes a converted site must reproduce: its input, and its conv (or folded norm)."""
+    return (site.input_node, site.norm_node if conversion.folded_norm else site.node)
+
+
+def _folded(conversions: list[Conversion]) -> dict[str, str]:
+    return {c.site: c.folded_norm for c in conversions if c.folded_norm}
+
+
+def report_of(hybrid: nn.Module) -> RewriteReport:
+    """The ``RewriteReport`` of a module ``rewrite`` returned."""
+    report = getattr(hybrid, "meta", {}).get(REPORT_KEY)
+    if report is None:
+        raise ValueError(f"{type(hybrid).__name__} was not produced by tcnn_fx.rewrite (no report attached)")
+    return report

@@ -1,0 +1,135 @@
+"""Verify a rewritten model against its original, whole model and site by site.
+
+Each converted site is checked in isolation: the original model's graph is
+run once, recording every site's input and output, and the site's attention
+layer is applied to the recorded input.  Per-site errors therefore do not
+include the rounding of the sites before it; the whole-model comparison
+does.  Both models run in eval mode without autograd; their modes are
+restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from tcnn_fx.capture import capture
+from tcnn_fx.rewrite import report_of
+
+DEFAULT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Largest absolute and relative (to the reference's largest magnitude) difference of two outputs."""
+
+    name: str
+    max_abs: float
+    max_rel: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Whole-model and per-site comparisons of a rewritten model with its original."""
+
+    output: Comparison
+    sites: tuple[Comparison, ...]
+    rtol: float
+    atol: float
+
+    @property
+    def passed(self) -> bool:
+        return self.output.passed and all(site.passed for site in self.sites)
+
+    @property
+    def worst_site(self) -> Comparison | None:
+        return max(self.sites, key=lambda c: c.max_rel, default=None)
+
+    def table(self) -> str:
+        rows = [("", "max abs", "max rel", "")]
+        for c in (self.output, *self.sites):
+            rows.append((c.name, f"{c.max_abs:.3e}", f"{c.max_rel:.3e}", "ok" if c.passed else "FAIL"))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines.append(f"{'passed' if self.passed else 'FAILED'} (rtol {self.rtol:g}, atol {self.atol:g})")
+        return "\n".join(lines)
+
+
+def compare(name: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float) -> Comparison:
+    if actual.shape != expected.shape:
+        raise ValueError(f"{name}: output shape {tuple(actual.shape)} differs from {tuple(expected.shape)}")
+    difference = (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
+    scale = expected.double().abs().max().item() if expected.numel() else 0.0
+    relative = difference / scale if scale > 0 else (0.0 if difference == 0 else float("inf"))
+    return Comparison(name, difference, relative, relative <= rtol or difference <= atol)
+
+
+@contextlib.contextmanager
+def _eval_mode(*models: nn.Module):
+    modes = [{m: m.training for m in model.modules()} for model in models]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for saved in modes:
+            for module, training in saved.items():
+                module.training = training
+
+
+def _flatten(output) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        return [t for value in output.values() for t in _flatten(value)]
+    if isinstance(output, (list, tuple)):
+        return [t for value in output for t in _flatten(value)]
+    return []
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, module: fx.GraphModule, wanted: set[str]):
+        super().__init__(module)
+        self.wanted, self.values = wanted, {}
+
+    def run_node(self, node: fx.Node):
+        value = super().run_node(node)
+        if node.name in self.wanted:
+            self.values[node.name] = value
+        return value
+
+
+def verify(
+    original: nn.Module, rewritten: nn.Module, example_inputs: tuple, *, rtol: float | None = None, atol: float = 0.0
+) -> VerifyReport:
+    """Compare ``rewritten`` (from ``tcnn_fx.rewrite``) with ``original`` on ``example_inputs``.
+
+    ``rtol`` bounds max|a - b| / max|b| (default by dtype: 1e-5 float32,
+    1e-10 float64); an output also passes if its max absolute difference is
+    at most ``atol``.
+    """
+    report = report_of(rewritten)
+    dtype = example_inputs[0].dtype
+    rtol = DEFAULT_RTOL.get(dtype, 1e-5) if rtol is None else rtol
+    wanted = {name for pair in report.site_nodes.values() for name in pair}
+    with _eval_mode(original, rewritten), torch.no_grad():
+        graph = capture(original, example_inputs)
+        recorder = _Recorder(graph, wanted)
+        expected = _flatten(recorder.run(*example_inputs))
+        actual = _flatten(rewritten(*example_inputs))
+        if len(actual) != len(expected):
+            raise ValueError(f"the models return {len(actual)} and {len(expected)} tensors")
+        outputs = [compare("output", a, e, rtol, atol) for a, e in zip(actual, expected)]
+        output = max(outputs, key=lambda c: c.max_rel)
+        sites = []
+        for name, (input_node, output_node) in report.site_nodes.items():
+            if input_node not in recorder.values or output_node not in recorder.values:
+                raise ValueError(f"site '{name}' is not in the original model's graph: was it rewritten from another?")
+            layer = rewritten.get_submodule(name)
+            site_out = layer(recorder.values[input_node])
+            sites.append(compare(name, site_out, recorder.values[output_node], rtol, atol))
+    return VerifyReport(output, tuple(sites), rtol, atol)
