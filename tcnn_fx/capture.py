@@ -81,8 +81,8 @@ def _torchvision_registries() -> tuple[set[type], tuple]:
 class CaptureTracer(fx.Tracer):
     """An ``fx.Tracer`` with the library registries, extra leaves by type or name, and a module stack.
 
-    ``current_module`` is the qualified name of the innermost module being
-    traced, so a failure can be pinned on it.
+    ``failed_module`` is the qualified name of the innermost module whose
+    tracing raised, so a failure can be pinned on it.
     """
 
     def __init__(self, leaf_types: Iterable[type] = (), leaf_names: Iterable[str] = (), autowrap_functions=()):
@@ -97,6 +97,7 @@ class CaptureTracer(fx.Tracer):
         self.atomic_leaf_types = tuple(vision_leaves)
         self.leaf_names = set(leaf_names)
         self.path: list[str] = []
+        self.failed_module: str | None = None
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         if qualified_name in self.leaf_names:
@@ -111,12 +112,12 @@ class CaptureTracer(fx.Tracer):
         self.path.append(self.path_of_module(module))
         try:
             return super().call_module(module, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:  # the innermost module, seen first as the error unwinds
+                self.failed_module = self.path[-1]
+            raise
         finally:
             self.path.pop()
-
-    @property
-    def current_module(self) -> str:
-        return self.path[-1] if self.path else ""
 
 
 def _check_signature(model: nn.Module, example_inputs: tuple) -> None:
@@ -145,7 +146,7 @@ def _trace_with_fallback(model, leaf_types, leaf_names: set[str], autowrap_funct
         try:
             graph = tracer.trace(model)
         except Exception as error:  # noqa: BLE001 - any tracing failure is pinned on the module being traced
-            culprit = tracer.current_module
+            culprit = tracer.failed_module or ""
             reason = f"{type(error).__name__}: {error}".splitlines()[0]
             if not culprit or culprit in leaf_names:
                 where = f"module '{culprit}'" if culprit else f"{type(model).__name__}.forward itself"

@@ -1,0 +1,87 @@
+"""Small models for the compiler tests: each exercises one way convolutions appear in real code."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TinyResNet(nn.Module):
+    """Stem, two residual stages (the second opened by a stride-2 conv), a 1x1 shortcut, a head."""
+
+    def __init__(self, width: int = 8, classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(width)
+        self.a1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.a1_bn = nn.BatchNorm2d(width)
+        self.b1 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False)
+        self.b1_bn = nn.BatchNorm2d(2 * width)
+        self.b2 = nn.Conv2d(2 * width, 2 * width, 3, padding=1)
+        self.shortcut = nn.Conv2d(width, 2 * width, 1, stride=2)
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        x = F.relu(self.stem_bn(self.stem(x)))
+        x = x + self.a1_bn(self.a1(x)).relu()
+        y = torch.relu(self.b1_bn(self.b1(x)))
+        x = F.silu(self.b2(y)) + self.shortcut(x)
+        return self.head(x.mean((2, 3)))
+
+
+def same_padding(x, kernel, stride):
+    """F.pad amounts of TensorFlow's 'same' padding: computed from the input size, so wrapped for tracing."""
+    ih, iw = x.shape[-2:]
+    ph = max((-(-ih // stride[0]) - 1) * stride[0] + kernel[0] - ih, 0)
+    pw = max((-(-iw // stride[1]) - 1) * stride[1] + kernel[1] - iw, 0)
+    return [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2]
+
+
+torch.fx.wrap("same_padding")
+
+
+class SameConv(nn.Conv2d):
+    """TensorFlow-style 'same' padding before a functional convolution, as timm's Conv2dSame does."""
+
+    def forward(self, x):
+        x = F.pad(x, same_padding(x, self.kernel_size, self.stride))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class FunctionalNet(nn.Module):
+    """A 'same' conv with a custom forward, a shared conv, and a conv whose weight is computed."""
+
+    def __init__(self):
+        super().__init__()
+        self.same = SameConv(3, 6, 3, stride=2)
+        self.shared = nn.Conv2d(6, 6, 3, padding=1)
+        self.scale = nn.Parameter(torch.ones(6, 1, 1, 1))
+        self.raw = nn.Parameter(torch.randn(6, 6, 3, 3) * 0.1)
+        self.norm = nn.GroupNorm(2, 6)
+
+    def forward(self, x):
+        x = self.norm(self.same(x)).relu()
+        x = self.shared(self.shared(x))
+        return F.conv2d(x, self.raw * self.scale, padding=1)
+
+
+class Untraceable(nn.Module):
+    """Python control flow on tensor values: symbolic tracing fails inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.conv(x)
+        return -self.conv(x)
+
+
+class WithUntraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = Untraceable()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(self.inner(x))

@@ -1,0 +1,86 @@
+"""Capture: tracing with registries, fallback leaves, train/eval agreement, bad input."""
+
+import pytest
+import torch
+from torch import nn
+
+import tcnn_fx
+from models import TinyResNet, WithUntraceable
+from tcnn_fx.capture import CaptureError, capture
+
+
+def test_captured_graph_computes_the_model():
+    model = TinyResNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    graph_module = capture(model, (x,))
+    assert torch.equal(graph_module(x), model(x))
+    assert graph_module.meta["tcnn_fx.capture"].fallback_leaves == {}
+
+
+def test_untraceable_submodule_becomes_a_leaf_and_is_reported():
+    model = WithUntraceable().eval()
+    x = torch.randn(1, 3, 8, 8)
+    graph_module = capture(model, (x,))
+    info = graph_module.meta["tcnn_fx.capture"]
+    assert list(info.fallback_leaves) == ["inner"]
+    assert "TraceError" in info.fallback_leaves["inner"] or "control flow" in info.fallback_leaves["inner"]
+    assert torch.equal(graph_module(x), model(x))
+
+
+def test_untraceable_top_level_is_an_error_naming_the_model():
+    class Bad(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(CaptureError, match="Bad.forward itself"):
+        capture(Bad(), (torch.randn(1, 3, 4, 4),))
+
+
+def test_mode_dependent_modules_are_kept_whole():
+    class DropPath(nn.Module):
+        def forward(self, x):
+            if not self.training:
+                return x
+            return x * (torch.rand_like(x[:, :1, :1, :1]) > 0.5)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.drop = nn.Conv2d(3, 3, 3, padding=1), DropPath()
+
+        def forward(self, x):
+            return x + self.drop(self.conv(x))
+
+    model = Net().train()
+    graph_module = capture(model, (torch.randn(2, 3, 8, 8),))
+    assert graph_module.meta["tcnn_fx.capture"].mode_leaves == ("drop",)
+    assert model.training and model.drop.training  # modes restored
+    x = torch.randn(2, 3, 8, 8)
+    graph_module.eval(), model.eval()
+    assert torch.equal(graph_module(x), model(x))
+
+
+def test_non_tensor_inputs_are_refused():
+    with pytest.raises(TypeError, match="must take tensors only"):
+        capture(TinyResNet(), (torch.randn(1, 3, 8, 8), "mode"))
+    with pytest.raises(TypeError, match="non-empty tuple"):
+        capture(TinyResNet(), torch.randn(1, 3, 8, 8))
+
+
+def test_unknown_leaf_name():
+    with pytest.raises(ValueError, match="not submodules"):
+        capture(TinyResNet(), (torch.randn(1, 3, 8, 8),), leaf_modules=["nope"])
+
+
+def test_wrong_input_shape_names_the_module():
+    with pytest.raises(Exception, match="module 'stem'"):
+        tcnn_fx.trace(TinyResNet(), (torch.randn(1, 4, 16, 16),))
+
+
+def test_timm_same_padding_convolution_is_traced_through():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("tf_efficientnet_b0", num_classes=10).eval()
+    graph_module = tcnn_fx.trace(model, (torch.randn(1, 3, 64, 64),))
+    stem = next(s for s in graph_module.meta["tcnn_fx.sites"] if s.name == "conv_stem")
+    assert stem.kind == "functional" and stem.pad_node is not None
+    assert stem.geometry.padding == (0, 1, 0, 1)  # TensorFlow 'same' at stride 2: the odd pixel last
