@@ -39,6 +39,7 @@ class RewriteReport:
     policy: dict | None
     config: dict
     spec: str | None = None
+    fold_norm: bool = False
     site_nodes: dict[str, tuple[str, str]] = field(default_factory=dict)
     folded_norms: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
@@ -143,6 +144,7 @@ def rewrite(
         policy=None if policy.where is not None else policy.to_dict(),
         config=config.to_dict(),
         spec=spec,
+        fold_norm=fold_norm,
         site_nodes={c.site: _compared_nodes(by_name[c.site], c) for c in conversions},
         folded_norms=_folded(conversions),
         notes=tuple(c.note for c in conversions if c.note),

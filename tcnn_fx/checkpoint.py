@@ -1,0 +1,67 @@
+"""Save and load rewritten models.
+
+A checkpoint holds the recipe (base model spec, policy, layer config, input
+shape) and the state dict, nothing executable: loading rebuilds the base
+model, replays the rewrite and loads the weights with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+from tcnn_fx.layers import ConvAttentionConfig
+from tcnn_fx.policy import Policy
+from tcnn_fx.rewrite import report_of, rewrite
+
+FORMAT = "tcnn_fx/1"
+
+
+def save(hybrid: nn.Module, path: str | Path) -> None:
+    """Write ``hybrid`` (from ``tcnn_fx.rewrite``) to ``path``."""
+    report = report_of(hybrid)
+    if report.policy is None:
+        raise ValueError("the model was rewritten with a Python predicate policy, which cannot be saved")
+    torch.save(
+        {
+            "format": FORMAT,
+            "spec": report.spec,
+            "policy": report.policy,
+            "config": report.config,
+            "input_shape": list(report.input_shape),
+            "fold_norm": report.fold_norm,
+            "state_dict": hybrid.state_dict(),
+        },
+        path,
+    )
+
+
+def load(path: str | Path, model: nn.Module | None = None) -> fx.GraphModule:
+    """Rebuild a saved hybrid; ``model`` is the base model when the checkpoint records no spec."""
+    from tcnn_fx.specs import build
+
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a tcnn_fx checkpoint (format {FORMAT})")
+    if model is None:
+        if not payload["spec"]:
+            raise ValueError(f"{path} records no model spec: pass the base model, load(path, model=...)")
+        model = build(payload["spec"])
+    if payload["fold_norm"]:
+        model.eval()  # batch norms were folded in eval mode
+    hybrid = rewrite(
+        model,
+        Policy.from_dict(payload["policy"]),
+        (torch.zeros(payload["input_shape"]),),
+        config=ConvAttentionConfig.from_dict(payload["config"]),
+        fold_norm=payload["fold_norm"],
+        spec=payload["spec"],
+    )
+    try:
+        hybrid.load_state_dict(payload["state_dict"])
+    except RuntimeError as error:
+        raise ValueError(f"{path} does not match the rebuilt model: {error}") from error
+    return hybrid

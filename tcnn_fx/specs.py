@@ -1,0 +1,100 @@
+"""Model specs: build a model from a string such as ``torchvision:resnet50``, ``timm:resnetrs50``,
+``cifar:resnet20`` or ``path/to/file.py:factory``, and load weights into it.
+
+Nothing is downloaded: library models are built with random weights, and
+``weights`` names a local file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tcnn_fx.models import cifar_resnet
+
+#: The input size each source of models expects by default.
+DEFAULT_INPUT_SIZE = {"cifar": 32}
+
+
+def parse(spec: str) -> tuple[str, str]:
+    source, sep, name = spec.rpartition(":")
+    if not sep or not source or not name:
+        raise ValueError(
+            f"model spec {spec!r} is not SOURCE:NAME; use torchvision:NAME, timm:NAME, cifar:resnetDEPTH "
+            "or path/to/file.py:factory"
+        )
+    return source, name
+
+
+def default_input_size(spec: str) -> int:
+    return DEFAULT_INPUT_SIZE.get(parse(spec)[0], 224)
+
+
+def build(spec: str, *, num_classes: int | None = None) -> nn.Module:
+    """The model ``spec`` names, with fresh random weights."""
+    source, name = parse(spec)
+    extra = {} if num_classes is None else {"num_classes": num_classes}
+    if source == "torchvision":
+        import torchvision
+
+        if name not in torchvision.models.list_models():
+            raise ValueError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
+        return torchvision.models.get_model(name, weights=None, **extra)
+    if source == "timm":
+        import timm
+
+        if not timm.is_model(name):
+            raise ValueError(f"timm has no model {name!r}; see timm.list_models()")
+        return timm.create_model(name, pretrained=False, **extra)
+    if source == "cifar":
+        match = re.fullmatch(r"resnet(\d+)", name)
+        if not match:
+            raise ValueError(f"cifar models are resnetDEPTH (resnet20, resnet56, ...), not {name!r}")
+        return cifar_resnet(int(match.group(1)), **extra)
+    if source.endswith(".py"):
+        return _from_file(Path(source), name, extra)
+    raise ValueError(f"unknown model source {source!r} in {spec!r}; use torchvision, timm, cifar or a .py file")
+
+
+def _from_file(path: Path, factory: str, extra: dict) -> nn.Module:
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    module_spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, factory):
+        raise ValueError(f"{path} has no {factory!r}; it defines {sorted(n for n in vars(module) if not n.startswith('_'))}")
+    model = getattr(module, factory)(**extra)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{path}:{factory} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a state dict file into ``model`` (strictly), accepting ``{'state_dict': ...}`` and ``module.`` prefixes."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        raise ValueError(f"weights {path} do not match {type(model).__name__}: {error}") from error
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"weights {path} do not match {type(model).__name__}: missing {result.missing_keys[:8]}, "
+            f"unexpected {result.unexpected_keys[:8]}"
+        )
+    return model
+
+
+def load_model(spec: str, weights: str | Path | None = None) -> nn.Module:
+    """Build the model ``spec`` names and load ``weights`` into it if given."""
+    model = build(spec)
+    return load_weights(model, weights) if weights is not None else model
