@@ -1,0 +1,141 @@
+"""Capture coverage: does every torchvision classification model and a broad timm CNN list trace into a site table?
+
+Models are built on the ``meta`` device (no memory, no compute), captured at
+their usual input size, shape-propagated on fake tensors and matched into
+sites.  With ``--verify``, models are also built for real at a small input
+size, converted with a policy and compared with the original (float32 and
+float64 relative error), which is slow.
+
+    python benchmarks/coverage.py [--only torchvision|timm] [--json out.json] [--verify]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+import warnings
+
+import torch
+
+import tcnn_fx
+
+#: timm CNNs of many families, including ones plain symbolic_trace fails on (vgg11, dm_nfnet_f0).
+TIMM_MODELS = [
+    "resnet18", "resnet50", "resnet50d", "resnet101d", "resnetrs50", "resnetrs101", "resnet26t", "resnet10t",
+    "seresnet50", "ecaresnet50d", "resnext50_32x4d", "seresnext26d_32x4d", "skresnet18", "resnetblur50",
+    "regnetx_002", "regnety_008", "regnetz_b16", "efficientnet_b0", "efficientnet_b3", "tf_efficientnet_b0",
+    "tf_efficientnetv2_s", "efficientnetv2_rw_t", "mobilenetv2_100", "mobilenetv3_large_100", "tf_mobilenetv3_small_100",
+    "mnasnet_100", "fbnetc_100", "lcnet_050", "convnext_atto", "convnext_tiny", "convnextv2_atto", "densenet121",
+    "dla34", "dla46_c", "res2net50_26w_4s", "res2next50", "cspresnet50", "cspdarknet53", "darknet53", "hrnet_w18_small",
+    "vgg11", "vgg16_bn", "repvgg_a2", "dm_nfnet_f0", "nf_resnet50", "ghostnet_100", "ghostnetv2_100", "xception41",
+    "legacy_xception", "inception_v3", "inception_v4", "inception_resnet_v2", "vovnet39a", "ese_vovnet19b_dw",
+    "rexnet_100", "selecsls42b", "dpn68", "tresnet_m", "gernet_s", "hardcorenas_a", "mixnet_s", "tinynet_a",
+    "resnest14d", "nasnetalarge", "pnasnet5large", "cs3darknet_s", "bat_resnext26ts", "botnet26t_256",
+    "mobileone_s0", "fastvit_t8", "efficientvit_b0", "repghostnet_050",
+]  # fmt: skip
+
+INPUT_SIZE = {"inception_v3": 299, "inception_v4": 299, "inception_resnet_v2": 299, "nasnetalarge": 331,
+              "pnasnet5large": 331, "botnet26t_256": 256, "bat_resnext26ts": 256}  # fmt: skip
+
+
+def torchvision_models() -> list[str]:
+    import torchvision
+
+    return [f"torchvision:{name}" for name in torchvision.models.list_models(module=torchvision.models)]
+
+
+def input_size(spec: str) -> int:
+    name = spec.split(":", 1)[1]
+    if spec.startswith("torchvision:") and name == "inception_v3":
+        return 299
+    return INPUT_SIZE.get(name, 224)
+
+
+def capture_row(spec: str) -> dict:
+    from tcnn_fx.specs import build
+
+    row = {"model": spec, "input": input_size(spec)}
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                with torch.device("meta"):
+                    model = build(spec).eval()
+            except NotImplementedError:  # an initialiser that reads values (torchvision's RegNets): build for real
+                model = build(spec).eval()
+            graph_module = tcnn_fx.trace(model, (torch.empty(1, 3, row["input"], row["input"]),))
+        sites = graph_module.meta["tcnn_fx.sites"]
+        row.update(
+            ok=True,
+            sites=len(sites),
+            convertible=sum(s.convertible for s in sites),
+            stages=max((s.stage for s in sites), default=-1) + 1,
+            fallback_leaves=graph_module.meta["tcnn_fx.capture"].fallback_leaves,
+        )
+    except Exception as error:  # noqa: BLE001 - every failure is recorded with its reason
+        row.update(ok=False, error=f"{type(error).__name__}: {error}".splitlines()[0][:300])
+        row["trace"] = traceback.format_exc(limit=-3)[-600:]
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    return row
+
+
+def verify_row(spec: str, policy: str, size: int) -> dict:
+    from tcnn_fx.specs import build
+
+    row = {"model": spec, "policy": policy, "input": size}
+    try:
+        torch.manual_seed(0)
+        model = build(spec).eval()
+        for dtype, key in ((torch.float32, "float32"), (torch.float64, "float64")):
+            model = model.to(dtype)
+            x = torch.randn(2, 3, size, size, dtype=dtype)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                hybrid = tcnn_fx.rewrite(model, policy, (x,))
+            result = tcnn_fx.verify(model, hybrid, (x,))
+            row[key] = result.output.max_rel
+            row[f"{key}_passed"] = result.passed
+            row["converted"] = len(tcnn_fx.report_of(hybrid).converted)
+    except Exception as error:  # noqa: BLE001
+        row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["torchvision", "timm"])
+    parser.add_argument("--json", help="write the rows to this JSON file")
+    parser.add_argument("--verify", action="store_true", help="also convert and verify with real weights (slow)")
+    parser.add_argument("--verify-size", type=int, default=64)
+    args = parser.parse_args()
+    specs = []
+    if args.only in (None, "torchvision"):
+        specs += torchvision_models()
+    if args.only in (None, "timm"):
+        specs += [f"timm:{name}" for name in TIMM_MODELS]
+    rows = []
+    for spec in specs:
+        row = capture_row(spec)
+        if args.verify and row["ok"]:
+            policy = "all" if spec.startswith("torchvision:") else "stage4"
+            size = max(args.verify_size, 75 if "inception" in spec else 0)
+            row["verify"] = verify_row(spec, policy if row["stages"] > 4 or policy == "all" else "last", size)
+        rows.append(row)
+        status = "ok " if row["ok"] else "FAIL"
+        detail = f"{row.get('sites')} sites, {row.get('convertible')} convertible" if row["ok"] else row["error"]
+        print(f"{status} {spec:45s} {row['seconds']:6.2f}s  {detail}  {row.get('verify', '')}", flush=True)
+        if args.json:
+            with open(args.json, "w") as out:
+                json.dump(rows, out, indent=2)
+    for source in ("torchvision", "timm"):
+        chosen = [r for r in rows if r["model"].startswith(source)]
+        if chosen:
+            passed = sum(r["ok"] for r in chosen)
+            print(f"{source}: {passed}/{len(chosen)} traced ({100 * passed / len(chosen):.1f}%)")
+
+
+if __name__ == "__main__":
+    main()
