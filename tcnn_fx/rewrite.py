@@ -17,7 +17,7 @@ from torch import fx, nn
 from tcnn_fx.capture import capture
 from tcnn_fx.layers import ConvAttentionConfig
 from tcnn_fx.passes.conv_to_attention import Conversion, convert_sites
-from tcnn_fx.passes.shape_prop import fake_flops, propagate_shapes
+from tcnn_fx.passes.shape_prop import FLOPS_KEY, propagate_shapes
 from tcnn_fx.policy import Policy
 from tcnn_fx.sites import Site, find_sites
 
@@ -68,7 +68,7 @@ def trace(
 ) -> fx.GraphModule:
     """Capture ``model``, propagate shapes and annotate its sites.
 
-    Every node gets ``meta['val']`` (its output as a fake tensor); every
+    Every node gets ``meta['val']`` (its output as a meta tensor); every
     convolution node ``meta['tcnn_fx.site']`` (its ``Site``: resolution,
     stage, cost ...); the graph module ``meta['tcnn_fx.sites']`` (all sites in
     graph order) and ``meta['tcnn_fx.capture']`` (modules kept whole and why).
@@ -126,7 +126,7 @@ def rewrite(
     graph_module = trace(work, example_inputs, config=config, leaf_modules=leaf_modules)
     sites = graph_module.meta[SITES_KEY]
     plan = policy.plan(sites)
-    flops = fake_flops(graph_module, example_inputs)
+    flops = graph_module.meta[FLOPS_KEY]
     params = sum(p.numel() for p in graph_module.parameters())
     conversions = convert_sites(graph_module, plan, config, fold_norm=fold_norm)
     batch = example_inputs[0].shape[0]

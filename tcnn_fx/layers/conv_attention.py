@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import prune
+from torch.nn.utils import prune, skip_init
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from tcnn_fx.layers.conv_geometry import ConvGeometry
@@ -222,19 +222,33 @@ class ConvAttention2d(nn.Module):
         heads = geometry.num_taps
         self.qk_dim = _qk_dim(self.config, in_channels, heads)
         factory = {"device": device, "dtype": dtype}
-
-        # nn.Conv2d's own initialisation, so a layer built from scratch is a random convolution.
-        reference = nn.Conv2d(in_channels, out_channels, geometry.kernel_size, groups=groups, bias=bias, **factory)
-        self.weight = reference.weight
-        self.bias = reference.bias
+        shape = (out_channels, in_channels // groups, *geometry.kernel_size)
+        self.weight = nn.Parameter(torch.empty(shape, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.query_weight = nn.Parameter(torch.empty(heads * self.qk_dim, in_channels, **factory))
         self.key_weight = nn.Parameter(torch.empty(heads * self.qk_dim, in_channels, **factory))
-        self.centres = nn.Parameter(torch.tensor(geometry.tap_offsets(), **factory).reshape(heads, 2))
-        self.locality = nn.Parameter(torch.full((heads,), self.config.locality_strength, **factory))
-        self.gate = nn.Parameter(torch.full((heads,), self.config.gate_init, **factory))
+        self.centres = nn.Parameter(torch.empty(heads, 2, **factory))
+        self.locality = nn.Parameter(torch.empty(heads, **factory))
+        self.gate = nn.Parameter(torch.empty(heads, **factory))
+        self.reset_parameters()
+        self._positional_cache: tuple[tuple, Tensor] | None = None
+
+    def reset_parameters(self) -> None:
+        """A random convolution (``nn.Conv2d``'s initialisation) and the attention at its initial state."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.weight[0].numel())
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_attention_parameters()
+
+    def reset_attention_parameters(self) -> None:
+        """Positional maps on the kernel taps, gates at ``config.gate_init``, random query and key weights."""
+        with torch.no_grad():
+            self.centres.copy_(torch.tensor(self.geometry.tap_offsets()).reshape(self.num_heads, 2))
+            self.locality.fill_(self.config.locality_strength)
+            self.gate.fill_(self.config.gate_init)
         for projection in (self.query_weight, self.key_weight):
             nn.init.kaiming_uniform_(projection, a=math.sqrt(5))  # nn.Linear's default
-        self._positional_cache: tuple[tuple, Tensor] | None = None
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, config: ConvAttentionConfig | None = None) -> ConvAttention2d:
@@ -260,7 +274,8 @@ class ConvAttention2d(nn.Module):
         if tuple(weight.shape[2:]) != geometry.kernel_size:
             raise ValueError(f"weight of shape {tuple(weight.shape)} does not match kernel {geometry.kernel_size}")
         top, bottom, left, right = geometry.padding
-        layer = cls(
+        layer = skip_init(
+            cls,
             in_per_group * geometry.groups,
             out_channels,
             geometry.kernel_size,
@@ -274,6 +289,7 @@ class ConvAttention2d(nn.Module):
             device=weight.device,
             dtype=weight.dtype,
         )
+        layer.reset_attention_parameters()
         with torch.no_grad():
             layer.weight.copy_(weight)
             if bias is not None:

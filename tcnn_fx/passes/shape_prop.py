@@ -1,64 +1,74 @@
-"""Shape propagation with fake tensors: every node learns its output's shape at no compute cost.
+"""Shape propagation on the ``meta`` device: every node learns its output's shape at no compute cost.
 
-Results go where torch's own passes put them, ``node.meta['val']`` (a
-``FakeTensor``, or a structure of them).  Parameters may be real or on the
-``meta`` device, so even huge models are annotated without allocating them.
+The graph runs once on meta tensors (shapes and dtypes, no data): inputs,
+parameters and buffers are swapped for meta stand-ins, so nothing real is
+allocated or computed, whatever the model's size, and the model's own tensors
+are never touched.  Results go where torch's own passes put them:
+``node.meta['val']`` (a meta tensor, or a structure of them).  The same run
+counts the model's FLOPs.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import fx
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
+
+FLOPS_KEY = "tcnn_fx.flops"
 
 
 class ShapePropagationError(RuntimeError):
     """Shape propagation failed; the message names the node and its module."""
 
 
-class _NamedFakeTensorProp(FakeTensorProp):
+def _meta(value):
+    return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+
+class MetaShapeProp(fx.Interpreter):
+    """Run a graph on meta tensors, recording each node's output in ``node.meta['val']``."""
+
     def run_node(self, node: fx.Node):
         try:
-            return super().run_node(node)
+            value = super().run_node(node)
         except Exception as error:  # noqa: BLE001 - re-raised with the node that failed
-            stack = node.meta.get("nn_module_stack") or {}
-            module = next(reversed(stack.values()))[0] if stack else None
-            where = f"node '{node.name}'" + (f" in module '{module}'" if module else "")
-            if node.op == "call_module":
-                where = f"module '{node.target}'"
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ShapePropagationError(f"shape propagation failed at {where}: {reason}") from error
+            raise ShapePropagationError(f"shape propagation failed at {_where(node)}: {_reason(error)}") from error
+        node.meta["val"] = value
+        return value
+
+    def get_attr(self, target, args, kwargs):
+        return _meta(super().get_attr(target, args, kwargs))
+
+    def call_module(self, target, args, kwargs):
+        module = self.fetch_attr(target)
+        state = {name: _meta(t) for name, t in [*module.named_parameters(), *module.named_buffers()]}
+        return functional_call(module, state, args, kwargs)
+
+
+def _where(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"module '{node.target}'"
+    stack = node.meta.get("nn_module_stack") or {}
+    module = next(reversed(stack.values()))[0] if stack else None
+    return f"node '{node.name}'" + (f" in module '{module}'" if module else "")
+
+
+def _reason(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def propagate_shapes(graph_module: fx.GraphModule, example_inputs: tuple) -> None:
-    """Annotate every node of ``graph_module`` with ``meta['val']`` for inputs shaped like ``example_inputs``.
+    """Annotate every node with ``meta['val']`` for inputs shaped like ``example_inputs``.
 
-    Only the inputs' shapes, dtypes and devices matter; their values are not read.
+    Only the inputs' shapes and dtypes matter, not their values or devices.
+    Also stores the FLOPs of one forward pass (``torch.utils.flop_counter``:
+    matrix products and convolutions) in ``graph_module.meta['tcnn_fx.flops']``.
     """
-    mode, fake = _fake_inputs(graph_module, example_inputs)
-    _NamedFakeTensorProp(graph_module, mode).propagate_dont_convert_inputs(*fake)
-
-
-def fake_flops(module: torch.nn.Module, example_inputs: tuple) -> int:
-    """FLOPs of one forward pass of ``module`` on inputs shaped like ``example_inputs``, computed on fake tensors.
-
-    Counted by ``torch.utils.flop_counter`` (matrix products and
-    convolutions), without allocating or computing anything real.
-    """
-    mode, fake = _fake_inputs(module, example_inputs)
-    with mode, FlopCounterMode(display=False) as counter:
-        module(*fake)
-    return counter.get_total_flops()
-
-
-def _fake_inputs(module: torch.nn.Module, example_inputs: tuple) -> tuple[FakeTensorMode, list]:
-    """A fake mode and fake copies of the inputs, on the meta device if the module's parameters are."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    parameter = next(module.parameters(), None)
-    on_meta = parameter is not None and parameter.device.type == "meta"
-    return mode, [mode.from_tensor(x.to("meta") if on_meta else x) for x in example_inputs]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        MetaShapeProp(graph_module).run(*(_meta(x) for x in example_inputs))
+    graph_module.meta[FLOPS_KEY] = counter.get_total_flops()
 
 
 def spatial_size(node: fx.Node) -> tuple[int, int] | None:
