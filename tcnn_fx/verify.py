@@ -98,8 +98,8 @@ class _Recorder(fx.Interpreter):
 
     def run_node(self, node: fx.Node):
         value = super().run_node(node)
-        if node.name in self.wanted:
-            self.values[node.name] = value
+        if node.name in self.wanted:  # a copy: an in-place activation may overwrite the tensor later
+            self.values[node.name] = value.clone() if isinstance(value, torch.Tensor) else value
         return value
 
 

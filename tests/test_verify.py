@@ -42,3 +42,13 @@ def test_rewrite_with_verify_raises_on_mismatch():
 def test_verify_needs_a_rewritten_model():
     with pytest.raises(ValueError, match="not produced by tcnn_fx.rewrite"):
         tcnn_fx.verify(TinyResNet(), TinyResNet(), (torch.randn(1, 3, 16, 16),))
+
+
+def test_per_site_check_survives_in_place_activations():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.alexnet().eval()  # nn.ReLU(inplace=True) after every convolution
+    x = torch.randn(2, 3, 64, 64)
+    report = tcnn_fx.verify(model, tcnn_fx.rewrite(model, "all", (x,)), (x,))
+    assert report.passed, report.table()
+    assert len(report.sites) == 4
