@@ -112,13 +112,50 @@ def verify_at(spec: str, policy: str, size: int) -> dict:
     return row
 
 
+def markdown(rows: list[dict]) -> str:
+    """The rows as a Markdown table with a summary per library."""
+    lines = []
+    for source in ("torchvision", "timm"):
+        chosen = [r for r in rows if r["model"].startswith(source)]
+        if not chosen:
+            continue
+        traced = sum(r["ok"] for r in chosen)
+        verified = [r["verify"] for r in chosen if "verify" in r]
+        passed = sum(bool(v.get("float32_passed") and v.get("float64_passed")) for v in verified)
+        lines.append(f"**{source}**: {traced}/{len(chosen)} traced ({100 * traced / len(chosen):.1f}%)"
+                     + (f"; {passed}/{len(verified)} verified in float32 and float64" if verified else ""))
+        lines.append("")
+        lines.append("| model | traced at | sites | convertible | stages | kept whole | policy | verified at | "
+                     "converted | float32 rel. error | float64 rel. error | verified |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in chosen:
+            v = r.get("verify", {})
+            cells = [r["model"], str(r["input"]), str(r.get("sites", "-")), str(r.get("convertible", "-")),
+                     str(r.get("stages", "-")), str(len(r.get("fallback_leaves", {}))) if r["ok"] else r["error"],
+                     v.get("policy", "-"), str(v.get("input", "-")), str(v.get("converted", "-")),
+                     f"{v['float32']:.1e}" if "float32" in v else v.get("error", "-"),
+                     f"{v['float64']:.1e}" if "float64" in v else "-",
+                     ("yes" if v.get("float32_passed") and v.get("float64_passed") else "NO") if v else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["torchvision", "timm"])
     parser.add_argument("--json", help="write the rows to this JSON file")
     parser.add_argument("--verify", action="store_true", help="also convert and verify with real weights (slow)")
     parser.add_argument("--verify-size", type=int, default=64)
+    parser.add_argument("--markdown", help="write the table as Markdown to this file")
+    parser.add_argument("--from-json", help="render --markdown from an earlier --json file instead of running")
     args = parser.parse_args()
+    if args.from_json:
+        with open(args.from_json) as source:
+            rows = json.load(source)
+        with open(args.markdown, "w") as out:
+            out.write(markdown(rows))
+        return
     specs = []
     if args.only in (None, "torchvision"):
         specs += torchvision_models()
@@ -138,11 +175,10 @@ def main() -> None:
         if args.json:
             with open(args.json, "w") as out:
                 json.dump(rows, out, indent=2)
-    for source in ("torchvision", "timm"):
-        chosen = [r for r in rows if r["model"].startswith(source)]
-        if chosen:
-            passed = sum(r["ok"] for r in chosen)
-            print(f"{source}: {passed}/{len(chosen)} traced ({100 * passed / len(chosen):.1f}%)")
+    print("\n".join(line for line in markdown(rows).splitlines() if line.startswith("**")))
+    if args.markdown:
+        with open(args.markdown, "w") as out:
+            out.write(markdown(rows))
 
 
 if __name__ == "__main__":
