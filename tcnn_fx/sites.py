@@ -20,6 +20,7 @@ Everything here is analysis: nothing changes the graph.  Needs
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from collections import Counter
@@ -61,8 +62,9 @@ def register_activation(cls: type) -> type:
     return cls
 
 
+@functools.cache
 def _register_library_types() -> None:
-    """Norms and activations of torchvision and timm, where installed."""
+    """Norms and activations of torchvision and timm, where installed (once, on first use)."""
     try:
         from torchvision.ops import FrozenBatchNorm2d
 
@@ -76,17 +78,17 @@ def _register_library_types() -> None:
     except ImportError:
         return
     for module in (norm, norm_act):
-        NORM_TYPES.update(
-            obj for obj in vars(module).values() if isinstance(obj, type) and issubclass(obj, nn.Module)
-            and ("Norm" in obj.__name__ or "Frozen" in obj.__name__)
-        )  # fmt: skip
-    ACTIVATION_TYPES.update(
-        obj for obj in vars(activations).values() if isinstance(obj, type) and issubclass(obj, nn.Module)
-    )
+        NORM_TYPES.update(cls for cls in _modules_defined_in(module) if "Norm" in cls.__name__ or "Frozen" in cls.__name__)
+    ACTIVATION_TYPES.update(_modules_defined_in(activations))
     PAD_VALUE_ARGUMENT[padding.pad_same] = 4
 
 
-_register_library_types()
+def _modules_defined_in(module) -> list[type]:
+    return [
+        obj
+        for obj in vars(module).values()
+        if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == module.__name__
+    ]
 
 
 @dataclass(frozen=True)
@@ -343,6 +345,7 @@ def find_sites(graph_module: fx.GraphModule, config: ConvAttentionConfig | None 
     ``config`` is the attention layer configuration the attention costs are
     computed for.  Needs ``propagate_shapes`` to have run.
     """
+    _register_library_types()
     config = config or ConvAttentionConfig()
     graph = graph_module.graph
     placeholder = next(n for n in graph.nodes if n.op == "placeholder")
