@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 import traceback
 import warnings
@@ -68,6 +69,7 @@ def capture_row(spec: str) -> dict:
                 model = build(spec).eval()
             graph_module = tcnn_fx.trace(model, (torch.empty(1, 3, row["input"], row["input"]),))
         sites = graph_module.meta["tcnn_fx.sites"]
+        row["_sites"] = sites
         row.update(
             ok=True,
             sites=len(sites),
@@ -112,6 +114,14 @@ def verify_at(spec: str, policy: str, size: int) -> dict:
     return row
 
 
+def _verdict(v: dict) -> str:
+    if not v:
+        return "-"
+    if v.get("converted") == 0 and "note" in v:
+        return v["note"]
+    return "yes" if v.get("float32_passed") and v.get("float64_passed") else "NO"
+
+
 def markdown(rows: list[dict]) -> str:
     """The rows as a Markdown table with a summary per library."""
     lines = []
@@ -121,6 +131,7 @@ def markdown(rows: list[dict]) -> str:
             continue
         traced = sum(r["ok"] for r in chosen)
         verified = [r["verify"] for r in chosen if "verify" in r]
+        verified = [v for v in verified if "note" not in v]
         passed = sum(bool(v.get("float32_passed") and v.get("float64_passed")) for v in verified)
         lines.append(f"**{source}**: {traced}/{len(chosen)} traced ({100 * traced / len(chosen):.1f}%)"
                      + (f"; {passed}/{len(verified)} verified in float32 and float64" if verified else ""))
@@ -135,7 +146,7 @@ def markdown(rows: list[dict]) -> str:
                      v.get("policy", "-"), str(v.get("input", "-")), str(v.get("converted", "-")),
                      f"{v['float32']:.1e}" if "float32" in v else v.get("error", "-"),
                      f"{v['float64']:.1e}" if "float64" in v else "-",
-                     ("yes" if v.get("float32_passed") and v.get("float64_passed") else "NO") if v else "-"]
+                     _verdict(v)]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -148,6 +159,7 @@ def main() -> None:
     parser.add_argument("--verify", action="store_true", help="also convert and verify with real weights (slow)")
     parser.add_argument("--verify-size", type=int, default=64)
     parser.add_argument("--markdown", help="write the table as Markdown to this file")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --json and run the rest")
     parser.add_argument("--from-json", help="render --markdown from an earlier --json file instead of running")
     args = parser.parse_args()
     if args.from_json:
@@ -162,12 +174,26 @@ def main() -> None:
     if args.only in (None, "timm"):
         specs += [f"timm:{name}" for name in TIMM_MODELS]
     rows = []
+    if args.resume and args.json and os.path.exists(args.json):
+        with open(args.json) as previous:
+            rows = json.load(previous)
+    done = {r["model"] for r in rows}
     for spec in specs:
+        if spec in done:
+            continue
         row = capture_row(spec)
+        sites = row.pop("_sites", [])
         if args.verify and row["ok"]:
             policy = "all" if spec.startswith("torchvision:") else "stage4"
-            size = max(args.verify_size, 75 if "inception" in spec else 0)
-            row["verify"] = verify_row(spec, policy if row["stages"] > 4 or policy == "all" else "last", size)
+            policy = policy if row["stages"] > 4 or policy == "all" else "last"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                selected = tcnn_fx.Policy(policy).plan(sites).selected
+            if selected:
+                size = max(args.verify_size, 75 if "inception" in spec else 0)
+                row["verify"] = verify_row(spec, policy, size)
+            else:  # nothing to convert (ViTs: their only convolution is the patchify stem)
+                row["verify"] = {"policy": policy, "converted": 0, "note": "no site selected"}
         rows.append(row)
         status = "ok " if row["ok"] else "FAIL"
         detail = f"{row.get('sites')} sites, {row.get('convertible')} convertible" if row["ok"] else row["error"]

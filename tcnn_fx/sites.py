@@ -298,13 +298,18 @@ def _level(input_size: tuple[int, int], output_size: tuple[int, int]) -> int:
     return max(round(math.log2(i / o)) for i, o in zip(input_size, output_size))
 
 
+def _tensor_users(node: fx.Node) -> list[fx.Node]:
+    """Users of a node that compute tensors: reading ``x.shape`` is not a branch of the dataflow."""
+    return [user for user in node.users if isinstance(user.meta.get("val"), torch.Tensor) or user.op == "output"]
+
+
 def _stem_nodes(graph: fx.Graph) -> set[str]:
     """Nodes on the chain from the first input before the first fan-out or merge."""
     node = next(n for n in graph.nodes if n.op == "placeholder")
     chain = set()
-    while len(node.users) == 1:
-        node = next(iter(node.users))
-        inputs = [a for a in node.all_input_nodes if a.op != "get_attr"]
+    while len(users := _tensor_users(node)) == 1:
+        node = users[0]
+        inputs = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor) and a.op != "get_attr"]
         if len(inputs) != 1 or node.op == "output":
             break
         chain.add(node.name)
