@@ -84,6 +84,27 @@ def capture_row(spec: str) -> dict:
     return row
 
 
+def randomise_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Random affine parameters and statistics for every norm layer.
+
+    Libraries initialise the last norm of residual branches to zero (timm's
+    ``zero_init_last``), which would hide the converted convolutions from the
+    whole-model comparison; random norms make every branch count.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if "Norm" not in type(module).__name__:
+                continue
+            for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                if not tensor.is_floating_point():
+                    continue
+                if name in ("weight", "running_var"):
+                    tensor.uniform_(0.5, 1.5)
+                elif name in ("bias", "running_mean"):
+                    tensor.normal_(0.0, 0.1)
+    return model
+
+
 def verify_row(spec: str, policy: str, size: int) -> dict:
     """Convert with random weights and compare in float32 and float64; retries at the usual size if needed."""
     row = verify_at(spec, policy, size)
@@ -98,7 +119,7 @@ def verify_at(spec: str, policy: str, size: int) -> dict:
     row = {"model": spec, "policy": policy, "input": size}
     try:
         torch.manual_seed(0)
-        model = build(spec).eval()
+        model = randomise_norms(build(spec).eval())
         for dtype, key in ((torch.float32, "float32"), (torch.float64, "float64")):
             model = model.to(dtype)
             x = torch.randn(2, 3, size, size, dtype=dtype)

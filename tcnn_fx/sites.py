@@ -249,18 +249,27 @@ class _SiteBuilder:
         out_channels, in_per_group, kh, kw = weight.meta["val"].shape
         padding = args["padding"]
         geometry = ConvGeometry.resolve((kh, kw), args["stride"], padding, args["dilation"], args["groups"])
-        is_parameter = isinstance(weight, fx.Node) and weight.op == "get_attr"
-        name = weight.target.rsplit(".", 1)[0] if is_parameter and "." in weight.target else node.name
+        is_attribute = isinstance(weight, fx.Node) and weight.op == "get_attr"
+        name = weight.target.rsplit(".", 1)[0] if is_attribute and "." in weight.target else node.name
         reason = None
-        if not is_parameter:
+        if not is_attribute:
             reason = "the weight is computed in forward (e.g. weight standardisation), not a parameter"
+        elif not self._is_parameter(weight.target):
+            reason = "the weight is a buffer (a fixed filter such as a blur), not a parameter"
         bias = args["bias"]
-        if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
-            reason = reason or "the bias is computed in forward, not a parameter"
+        if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr" and self._is_parameter(bias.target)):
+            reason = reason or "the bias is not a parameter"
         return self._with_pad(node, args["input"], dict(
             name=name, kind="functional", geometry=geometry, in_channels=in_per_group * args["groups"],
             out_channels=out_channels, bias=bias is not None, reason=reason,
         ))  # fmt: skip
+
+    def _is_parameter(self, target: str) -> bool:
+        try:
+            self.graph_module.get_parameter(target)
+        except AttributeError:
+            return False
+        return True
 
     def _with_pad(self, node: fx.Node, source: fx.Node, facts: dict) -> dict:
         """Absorb an explicit zero pad that feeds only this convolution into the site's geometry."""

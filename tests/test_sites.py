@@ -76,3 +76,18 @@ def test_site_graph_exports(tmp_path):
     assert graph.has_edge("b1", "b2") and not graph.has_edge("stem", "b2")
     nx.write_graphml(graph, tmp_path / "sites.graphml")
     assert nx.read_graphml(tmp_path / "sites.graphml").number_of_nodes() == 5
+
+
+def test_fixed_filter_buffers_are_not_converted():
+    class Blur(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("filt", torch.ones(3, 1, 3, 3) / 9)
+
+        def forward(self, x):
+            return torch.nn.functional.conv2d(x, self.filt, padding=1, groups=3)
+
+    sites, _ = sites_of(torch.nn.Sequential(Blur(), torch.nn.Conv2d(3, 3, 3)))
+    blur = sites["0"]
+    assert not blur.convertible and "buffer" in blur.reason
+    assert sites["1"].convertible
