@@ -99,9 +99,9 @@ def randomise_norms(model: torch.nn.Module) -> torch.nn.Module:
                 if not tensor.is_floating_point():
                     continue
                 if name in ("weight", "running_var"):
-                    tensor.uniform_(0.5, 1.5)
+                    tensor.uniform_(0.5, 1.0)
                 elif name in ("bias", "running_mean"):
-                    tensor.normal_(0.0, 0.1)
+                    tensor.normal_(0.0, 0.05)
     return model
 
 
