@@ -17,6 +17,7 @@ appear as an explicit pad feeding ``F.conv2d``: sites the compiler can convert.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import importlib
@@ -182,6 +183,17 @@ def _mode_differences(train: fx.Graph, eval_: fx.Graph) -> tuple[set[str], str |
     return modules, ("; ".join(lines) if lines else None)
 
 
+@contextlib.contextmanager
+def restored_modes(*models: nn.Module):
+    """Let the body switch the models between train and eval; every submodule's mode is restored after."""
+    saved = [(module, module.training) for model in models for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in saved:
+            module.training = training
+
+
 def capture(
     model: nn.Module,
     example_inputs: tuple,
@@ -204,10 +216,9 @@ def capture(
     if unknown:
         raise ValueError(f"leaf_modules names {sorted(unknown)} are not submodules of {type(model).__name__}")
     was_training = model.training
-    modes = {module: module.training for module in model.modules()}
     fallbacks: dict[str, str] = {}
     mode_leaves: list[str] = []
-    try:
+    with restored_modes(model):
         while True:
             train = _trace_with_fallback(model.train(), leaf_types, leaf_names, autowrap_functions, fallbacks)
             eval_ = _trace_with_fallback(model.eval(), leaf_types, leaf_names, autowrap_functions, fallbacks)
@@ -217,9 +228,6 @@ def capture(
                 break
             leaf_names.update(new_leaves)
             mode_leaves.extend(new_leaves)
-    finally:
-        for module, training in modes.items():
-            module.training = training
     if difference is not None:
         warnings.warn(
             f"{type(model).__name__}: the train- and eval-mode graphs differ outside any submodule "

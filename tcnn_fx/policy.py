@@ -269,19 +269,18 @@ def _parse(expression: str) -> Predicate:
         position += 1
         return tokens[position - 1]
 
-    def either() -> Predicate:
-        left = both()
-        while peek() == "|":
+    def chain(token: str, operand: Callable[[], Predicate], combine: Callable) -> Predicate:
+        parts = [operand()]
+        while peek() == token:
             take()
-            left = (lambda a, b: lambda s, c: a(s, c) or b(s, c))(left, both())
-        return left
+            parts.append(operand())
+        return parts[0] if len(parts) == 1 else (lambda s, c: combine(p(s, c) for p in parts))
+
+    def either() -> Predicate:
+        return chain("|", both, any)
 
     def both() -> Predicate:
-        left = negation()
-        while peek() == "&":
-            take()
-            left = (lambda a, b: lambda s, c: a(s, c) and b(s, c))(left, negation())
-        return left
+        return chain("&", negation, all)
 
     def negation() -> Predicate:
         if peek() == "~":

@@ -10,13 +10,12 @@ restored afterwards.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
-from tcnn_fx.capture import capture
+from tcnn_fx.capture import capture, restored_modes
 from tcnn_fx.rewrite import report_of
 
 DEFAULT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -68,19 +67,6 @@ def compare(name: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float
     return Comparison(name, difference, relative, relative <= rtol or difference <= atol)
 
 
-@contextlib.contextmanager
-def _eval_mode(*models: nn.Module):
-    modes = [{m: m.training for m in model.modules()} for model in models]
-    try:
-        for model in models:
-            model.eval()
-        yield
-    finally:
-        for saved in modes:
-            for module, training in saved.items():
-                module.training = training
-
-
 def _flatten(output) -> list[torch.Tensor]:
     if isinstance(output, torch.Tensor):
         return [output]
@@ -116,7 +102,8 @@ def verify(
     dtype = example_inputs[0].dtype
     rtol = DEFAULT_RTOL.get(dtype, 1e-5) if rtol is None else rtol
     wanted = {name for pair in report.site_nodes.values() for name in pair}
-    with _eval_mode(original, rewritten), torch.no_grad():
+    with restored_modes(original, rewritten), torch.no_grad():
+        original.eval(), rewritten.eval()
         graph = capture(original, example_inputs)
         recorder = _Recorder(graph, wanted)
         expected = _flatten(recorder.run(*example_inputs))
