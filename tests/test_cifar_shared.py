@@ -1,7 +1,8 @@
 """The converted pretrained CIFAR-10 ResNets predict exactly as the CNNs on the whole JPEG test set.
 
 Needs ``../shared`` (present in CI and for developers, not for users): the
-test is skipped with the reason when it is absent.
+test is skipped with the reason when it is absent, except in CI (``CI`` set),
+where missing data is a failure.
 """
 
 import os
@@ -20,6 +21,8 @@ SHARED = Path(os.environ.get("TCNN_FX_SHARED", Path(__file__).resolve().parents[
 TAR = SHARED / "data" / "cifar10-jpeg.tar"
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
+if os.environ.get("CI") and not TAR.is_file():
+    raise FileNotFoundError(f"CI must have the shared CIFAR-10 data at {TAR}")
 pytestmark = pytest.mark.skipif(not TAR.is_file(), reason=f"shared CIFAR-10 data not found at {TAR}")
 
 
