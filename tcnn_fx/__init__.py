@@ -1,6 +1,7 @@
 """tcnn_fx: recast a trained CNN's convolutions as self-attention that equals them at initialisation."""
 
 from tcnn_fx.capture import CaptureError, capture
+from tcnn_fx.checkpoint import load, save
 from tcnn_fx.layers import AttentionMaps, ConvAttention2d, ConvAttentionConfig, ConvGeometry
 from tcnn_fx.policy import Plan, Policy, PolicyError
 from tcnn_fx.rewrite import RewriteReport, report_of, rewrite, trace
@@ -24,8 +25,10 @@ __all__ = [
     "__version__",
     "capture",
     "find_sites",
+    "load",
     "report_of",
     "rewrite",
+    "save",
     "site_graph",
     "trace",
     "verify",

@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--policy", default="stage4", help="policy expression or .json/.yaml policy file")
     convert.add_argument("--verify", action="store_true", help="compare with the original, fail on mismatch")
     convert.add_argument("--fold-norm", action="store_true", help="fold eval-mode batch norms into the layers")
-    convert.add_argument("--out", required=True, help="checkpoint to write (load with tcnn_fx.checkpoint.load)")
+    convert.add_argument("--out", required=True, help="checkpoint to write (load with tcnn_fx.load)")
     convert.set_defaults(run=convert_command)
     return parser
 
