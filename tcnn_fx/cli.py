@@ -1,7 +1,7 @@
 """The ``tcnn-fx`` command line.
 
     tcnn-fx sites MODEL [--input-size 224] [--weights FILE] [--graphml FILE] [--json FILE]
-    tcnn-fx convert MODEL --policy stage4 [--weights FILE] [--verify] [--fold-norm] --out FILE
+    tcnn-fx convert MODEL --policy stage4 [--weights FILE] [--verify] [--fold-norm] --out FILE [--onnx FILE]
 
 MODEL is ``torchvision:NAME``, ``timm:NAME``, ``cifar:resnetDEPTH`` or
 ``path/to/file.py:factory``.  ``--policy`` takes an expression
@@ -95,6 +95,15 @@ def convert_command(args) -> None:
             raise SystemExit(1)
     checkpoint.save(hybrid, args.out)
     console.print(f"saved to {args.out}")
+    if args.onnx:
+        from tcnn_fx.export import to_onnx, verify_onnx
+
+        with console.status(f"exporting to ONNX (opset {args.opset})"):
+            to_onnx(hybrid, args.onnx, inputs, opset=args.opset)
+        with console.status("checking the ONNX file with ONNX Runtime"):
+            checks = verify_onnx(hybrid, args.onnx, inputs)
+        console.print("\n".join(check.table() for check in checks))
+        console.print(f"exported to {args.onnx}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--verify", action="store_true", help="compare with the original, fail on mismatch")
     convert.add_argument("--fold-norm", action="store_true", help="fold eval-mode batch norms into the layers")
     convert.add_argument("--out", required=True, help="checkpoint to write (load with tcnn_fx.load)")
+    convert.add_argument("--onnx", help="also export to this ONNX file and check it with ONNX Runtime")
+    convert.add_argument("--opset", type=int, default=18, help="ONNX opset (18 to 23)")
     convert.set_defaults(run=convert_command)
     return parser
 

@@ -1,0 +1,170 @@
+"""ONNX export with torch's dynamo exporter, and verification with ONNX Runtime.
+
+``to_onnx`` captures the model with ``torch.export``, translates it to ONNX
+and runs onnxscript's optimiser, which folds what does not depend on the input
+(the positional attention of every layer at the exported resolution) into
+constants.  The file is written atomically: a failed export leaves nothing at
+``path``.  ``verify_onnx`` runs the file with ONNX Runtime and compares with
+PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tcnn_fx.verify import Comparison, compare
+
+SUPPORTED_OPSETS = range(18, 24)
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported; the message says why, from the exporter."""
+
+
+def _metadata(model: nn.Module, opset: int) -> dict[str, str]:
+    from tcnn_fx import __version__
+    from tcnn_fx.rewrite import REPORT_KEY
+
+    data = {"tcnn_fx_version": __version__, "opset": str(opset)}
+    report = getattr(model, "meta", {}).get(REPORT_KEY)
+    if report is not None:
+        data["base_model"] = report.spec or ""
+        data["policy"] = json.dumps(report.policy)
+        data["converted_sites"] = json.dumps(list(report.converted))
+    return data
+
+
+def to_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_inputs: tuple,
+    *,
+    opset: int = 18,
+    dynamic_batch: bool = True,
+    optimize: bool = True,
+) -> Path:
+    """Export ``model`` (in eval mode) to ``path`` as ONNX; returns the path.
+
+    ``dynamic_batch`` makes the first dimension of every input symbolic, so
+    one file serves any batch size; the spatial size is the one of
+    ``example_inputs``.  The model's rewrite report, if any, is recorded in
+    the file's metadata (tcnn_fx version, base model, policy, opset).
+    """
+    if opset not in SUPPORTED_OPSETS:
+        raise ValueError(f"opset {opset} is not supported; use one of {list(SUPPORTED_OPSETS)}")
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise PermissionError(f"cannot write {path}: directory {path.parent} is not writable")
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch")
+        dynamic_shapes = tuple({0: batch} for _ in example_inputs)
+    was_training = model.training
+    model.eval()
+    try:
+        program = torch.onnx.export(
+            model,
+            example_inputs,
+            dynamo=True,
+            opset_version=opset,
+            dynamic_shapes=dynamic_shapes,
+            optimize=optimize,
+            external_data=False,
+            verbose=False,
+        )
+    except Exception as error:  # noqa: BLE001 - every exporter failure is reported the same way
+        reason = " ".join(str(error).split())[:500] or type(error).__name__
+        raise ExportError(f"cannot export {type(model).__name__} to ONNX: {reason}") from error
+    finally:
+        model.train(was_training)
+    program.model.metadata_props.update(_metadata(model, opset))
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        program.save(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return path
+
+
+@dataclass(frozen=True)
+class OnnxCheck:
+    """ONNX Runtime against PyTorch on one provider: per-output comparisons."""
+
+    provider: str
+    outputs: tuple[Comparison, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.outputs)
+
+    def table(self) -> str:
+        lines = [f"{self.provider}: {'passed' if self.passed else 'FAILED'}"]
+        lines += [f"  {c.name}: max abs {c.max_abs:.3e}, max rel {c.max_rel:.3e}" for c in self.outputs]
+        return "\n".join(lines)
+
+
+def _session(path: Path, provider: str):
+    try:
+        import onnxruntime as ort
+    except ImportError as error:
+        raise RuntimeError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from error
+    available = ort.get_available_providers()
+    if provider not in available:
+        raise RuntimeError(f"ONNX Runtime provider {provider} is not available; available: {available}")
+    session = ort.InferenceSession(str(path), providers=[provider])
+    if session.get_providers()[0] != provider:
+        raise RuntimeError(
+            f"ONNX Runtime could not use {provider} on this machine (it fell back to {session.get_providers()[0]})"
+        )
+    return session
+
+
+def verify_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    inputs: tuple,
+    *,
+    providers: tuple[str, ...] = ("CPUExecutionProvider",),
+    rtol: float = 1e-5,
+    atol: float = 0.0,
+) -> list[OnnxCheck]:
+    """Run ``path`` with ONNX Runtime on each provider and compare with ``model`` in eval mode.
+
+    Raises ``AssertionError`` with the per-output table when any output's
+    relative error exceeds ``rtol`` (and its absolute error ``atol``).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            expected = model(*inputs)
+    finally:
+        model.train(was_training)
+    expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
+    checks = []
+    for provider in providers:
+        session = _session(Path(path), provider)
+        feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), inputs)}
+        actual = session.run(None, feeds)
+        outputs = tuple(
+            compare(f"output {i}", torch.from_numpy(np.asarray(a)), e.cpu(), rtol, atol)
+            for i, (a, e) in enumerate(zip(actual, expected))
+        )
+        checks.append(OnnxCheck(provider, outputs))
+    failed = [c for c in checks if not c.passed]
+    if failed:
+        raise AssertionError("ONNX Runtime disagrees with PyTorch:\n" + "\n".join(c.table() for c in failed))
+    return checks

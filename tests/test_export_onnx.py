@@ -1,0 +1,84 @@
+"""ONNX export of rewritten models, checked against ONNX Runtime."""
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import tcnn_fx
+from models import TinyResNet
+from tcnn_fx.cli import main
+from tcnn_fx.export import ExportError, to_onnx, verify_onnx
+from tcnn_fx.models import cifar_resnet
+
+
+@pytest.fixture(scope="module")
+def hybrid():
+    torch.manual_seed(0)
+    return tcnn_fx.rewrite(cifar_resnet(20).eval(), "last", (torch.randn(2, 3, 32, 32),), spec="cifar:resnet20")
+
+
+@pytest.fixture(scope="module")
+def exported(hybrid, tmp_path_factory):
+    return to_onnx(hybrid, tmp_path_factory.mktemp("onnx") / "h.onnx", (torch.randn(2, 3, 32, 32),))
+
+
+def test_export_runs_at_any_batch_and_matches(hybrid, exported):
+    for batch in (1, 8, 32):
+        (check,) = verify_onnx(hybrid, exported, (torch.randn(batch, 3, 32, 32),))
+        assert check.passed and check.outputs[0].max_rel <= 1e-5
+
+
+def test_exported_graph_is_plain_onnx_with_folded_positional_attention(hybrid, exported):
+    model = onnx.load(str(exported))
+    onnx.checker.check_model(model)
+    ops = [node.op_type for node in model.graph.node]
+    assert {node.domain for node in model.graph.node} <= {"", "ai.onnx"}  # no custom ops
+    assert "Einsum" not in ops
+    # One softmax per converted layer (content attention): the positional maps are constants.
+    assert ops.count("Softmax") == len(tcnn_fx.report_of(hybrid).converted)
+    metadata = {p.key: p.value for p in model.metadata_props}
+    assert metadata["base_model"] == "cifar:resnet20" and metadata["opset"] == "18"
+    assert '"select": "last"' in metadata["policy"] and metadata["tcnn_fx_version"] == tcnn_fx.__version__
+
+
+@pytest.mark.parametrize("opset", [18, 23])
+def test_opsets(opset, tmp_path):
+    model = tcnn_fx.rewrite(TinyResNet().eval(), "all", (torch.randn(1, 3, 16, 16),))
+    path = to_onnx(model, tmp_path / "t.onnx", (torch.randn(2, 3, 16, 16),), opset=opset)
+    assert onnx.load(str(path)).opset_import[0].version == opset
+    assert verify_onnx(model, path, (torch.randn(3, 3, 16, 16),))[0].passed
+
+
+def test_failed_export_names_the_reason_and_writes_nothing(tmp_path):
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            return x[x > 0].sum() if x.sum() > 0 else x.mean()
+
+    target = tmp_path / "bad.onnx"
+    with pytest.raises(ExportError, match="cannot export DataDependent"):
+        to_onnx(DataDependent(), target, (torch.randn(1, 3, 4, 4),))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_arguments(hybrid, exported, tmp_path):
+    x = (torch.randn(1, 3, 32, 32),)
+    with pytest.raises(ValueError, match="opset 17 is not supported"):
+        to_onnx(hybrid, tmp_path / "h.onnx", x, opset=17)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        to_onnx(hybrid, tmp_path / "missing" / "h.onnx", x)
+    with pytest.raises(RuntimeError, match="is not available; available:"):
+        verify_onnx(hybrid, exported, x, providers=("NoSuchExecutionProvider",))
+
+
+def test_mismatch_raises_with_the_table(hybrid, exported):
+    changed = tcnn_fx.rewrite(cifar_resnet(20).eval(), "last", (torch.randn(2, 3, 32, 32),))
+    with pytest.raises(AssertionError, match="ONNX Runtime disagrees with PyTorch"):
+        verify_onnx(changed, exported, (torch.randn(2, 3, 32, 32),))
+
+
+def test_cli_convert_exports_onnx(tmp_path, capsys):
+    main(["convert", "cifar:resnet20", "--policy", "last", "--out", str(tmp_path / "h.pt"),
+          "--onnx", str(tmp_path / "h.onnx")])  # fmt: skip
+    assert "CPUExecutionProvider: passed" in capsys.readouterr().out
+    assert onnx.load(str(tmp_path / "h.onnx")).graph.node
