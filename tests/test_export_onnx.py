@@ -82,3 +82,27 @@ def test_cli_convert_exports_onnx(tmp_path, capsys):
           "--onnx", str(tmp_path / "h.onnx")])  # fmt: skip
     assert "CPUExecutionProvider: passed" in capsys.readouterr().out
     assert onnx.load(str(tmp_path / "h.onnx")).graph.node
+
+
+@pytest.mark.parametrize(
+    ("spec", "policy"),
+    [
+        ("torchvision:resnet18", "stage4"),
+        ("torchvision:resnet50", "name:layer4.*conv2 | name:layer3.5.conv2"),  # a custom policy
+        ("torchvision:mobilenet_v3_large", "stage4"),
+        ("torchvision:convnext_tiny", "last"),
+        ("torchvision:regnet_y_400mf", "stage4"),
+        ("torchvision:efficientnet_b0", "stage4"),
+        ("timm:resnetrs50", "stage4"),
+    ],
+)
+def test_model_zoo_exports_and_matches_onnx_runtime(spec, policy, tmp_path):
+    from tcnn_fx.specs import build
+
+    torch.manual_seed(0)
+    model = build(spec).eval()
+    hybrid = tcnn_fx.rewrite(model, policy, (torch.randn(2, 3, 96, 96),))
+    assert tcnn_fx.report_of(hybrid).converted
+    path = to_onnx(hybrid, tmp_path / "m.onnx", (torch.randn(2, 3, 96, 96),))
+    (check,) = verify_onnx(hybrid, path, (torch.randn(4, 3, 96, 96),))
+    assert check.outputs[0].max_rel <= 1e-5
