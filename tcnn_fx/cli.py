@@ -99,7 +99,7 @@ def convert_command(args) -> None:
         from tcnn_fx.export import to_onnx, verify_onnx
 
         with console.status(f"exporting to ONNX (opset {args.opset})"):
-            to_onnx(hybrid, args.onnx, inputs, opset=args.opset)
+            to_onnx(hybrid, args.onnx, inputs, opset=args.opset, fp16=args.fp16)
         with console.status("checking the ONNX file with ONNX Runtime"):
             checks = verify_onnx(hybrid, args.onnx, inputs)
         console.print("\n".join(check.table() for check in checks))
@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, help="checkpoint to write (load with tcnn_fx.load)")
     convert.add_argument("--onnx", help="also export to this ONNX file and check it with ONNX Runtime")
     convert.add_argument("--opset", type=int, default=18, help="ONNX opset (18 to 23)")
+    convert.add_argument("--fp16", action="store_true", help="export half precision (weights, activations, I/O)")
     convert.set_defaults(run=convert_command)
     return parser
 

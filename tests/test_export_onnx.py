@@ -106,3 +106,20 @@ def test_model_zoo_exports_and_matches_onnx_runtime(spec, policy, tmp_path):
     path = to_onnx(hybrid, tmp_path / "m.onnx", (torch.randn(2, 3, 96, 96),))
     (check,) = verify_onnx(hybrid, path, (torch.randn(4, 3, 96, 96),))
     assert check.outputs[0].max_rel <= 1e-5
+
+
+def test_fp16_export(hybrid, tmp_path):
+    path = to_onnx(hybrid, tmp_path / "h16.onnx", (torch.randn(2, 3, 32, 32),), fp16=True)
+    model = onnx.load(str(path))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert {p.key: p.value for p in model.metadata_props}["fp16"] == "true"
+    (check,) = verify_onnx(hybrid, path, (torch.randn(16, 3, 32, 32),))
+    assert check.passed and 1e-6 < check.outputs[0].max_rel <= 1e-2 and "top-1 agrees" in check.outputs[0].name
+    assert hybrid.get_submodule("layer3.0.conv1").weight.dtype == torch.float32  # the model itself is untouched
+
+
+def test_ort_fusions_are_offered_and_counted(hybrid, tmp_path):
+    path = to_onnx(hybrid, tmp_path / "f.onnx", (torch.randn(2, 3, 32, 32),), ort_fusions=True)
+    metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert "ort_fusions" in metadata  # the transformer fusions find nothing to fuse in this graph: "{}"
+    assert verify_onnx(hybrid, path, (torch.randn(2, 3, 32, 32),))[0].passed

@@ -10,6 +10,8 @@ PyTorch.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import tempfile
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import torch
 from torch import nn
 
@@ -50,13 +53,19 @@ def to_onnx(
     opset: int = 18,
     dynamic_batch: bool = True,
     optimize: bool = True,
+    fp16: bool = False,
+    ort_fusions: bool = False,
 ) -> Path:
     """Export ``model`` (in eval mode) to ``path`` as ONNX; returns the path.
 
     ``dynamic_batch`` makes the first dimension of every input symbolic, so
     one file serves any batch size; the spatial size is the one of
-    ``example_inputs``.  The model's rewrite report, if any, is recorded in
-    the file's metadata (tcnn_fx version, base model, policy, opset).
+    ``example_inputs``.  ``fp16`` exports a half-precision copy (weights,
+    activations, inputs and outputs; the positional maps are computed in
+    float32 before they are folded, and the content softmax runs in float32).
+    ``ort_fusions`` applies onnxscript's ONNX Runtime fusions and records how
+    many fired.  The model's rewrite report, if any, is recorded in the file's
+    metadata (tcnn_fx version, base model, policy, opset).
     """
     if opset not in SUPPORTED_OPSETS:
         raise ValueError(f"opset {opset} is not supported; use one of {list(SUPPORTED_OPSETS)}")
@@ -65,6 +74,10 @@ def to_onnx(
         raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK):
         raise PermissionError(f"cannot write {path}: directory {path.parent} is not writable")
+    metadata = _metadata(model, opset) | {"fp16": str(fp16).lower()}
+    if fp16:
+        model = copy.deepcopy(model).half()
+        example_inputs = tuple(x.half() if x.is_floating_point() else x for x in example_inputs)
     dynamic_shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch")
@@ -87,11 +100,17 @@ def to_onnx(
         raise ExportError(f"cannot export {type(model).__name__} to ONNX: {reason}") from error
     finally:
         model.train(was_training)
-    program.model.metadata_props.update(_metadata(model, opset))
+    onnx_model = program.model
+    if ort_fusions:
+        from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+        onnx_model, counts = optimize_for_ort(onnx_model)
+        metadata["ort_fusions"] = json.dumps({name: n for name, n in counts.items() if n})
+    onnx_model.metadata_props.update(metadata)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
-        program.save(temporary)
+        ir.save(onnx_model, temporary)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -132,19 +151,30 @@ def _session(path: Path, provider: str):
     return session
 
 
+def _top1(comparison: Comparison, actual: torch.Tensor, expected: torch.Tensor, required: bool) -> Comparison:
+    """A half-precision file must also agree on the predicted class of every row of 2-d logits."""
+    if not required or actual.dim() != 2:
+        return comparison
+    agree = bool((actual.argmax(1) == expected.cpu().argmax(1)).all())
+    return dataclasses.replace(comparison, passed=comparison.passed and agree, name=f"{comparison.name} (top-1 {'agrees' if agree else 'DIFFERS'})")
+
+
 def verify_onnx(
     model: nn.Module,
     path: str | os.PathLike,
     inputs: tuple,
     *,
     providers: tuple[str, ...] = ("CPUExecutionProvider",),
-    rtol: float = 1e-5,
+    rtol: float | None = None,
     atol: float = 0.0,
 ) -> list[OnnxCheck]:
     """Run ``path`` with ONNX Runtime on each provider and compare with ``model`` in eval mode.
 
-    Raises ``AssertionError`` with the per-output table when any output's
-    relative error exceeds ``rtol`` (and its absolute error ``atol``).
+    Inputs are cast to the file's input types.  ``rtol`` defaults to 1e-5 for
+    a float32 file and 1e-2 for a float16 one, which must also give the same
+    top-1 class on 2-d outputs (logits).  Raises ``AssertionError`` with the
+    per-output table when an output's relative error exceeds ``rtol`` (and its
+    absolute error ``atol``).
     """
     was_training = model.training
     model.eval()
@@ -157,10 +187,15 @@ def verify_onnx(
     checks = []
     for provider in providers:
         session = _session(Path(path), provider)
-        feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), inputs)}
-        actual = session.run(None, feeds)
+        half = any(i.type == "tensor(float16)" for i in session.get_inputs())
+        tolerance = rtol if rtol is not None else (1e-2 if half else 1e-5)
+        feeds = {
+            i.name: (x.half() if i.type == "tensor(float16)" else x).detach().cpu().numpy()
+            for i, x in zip(session.get_inputs(), inputs)
+        }
+        actual = [torch.from_numpy(np.asarray(a)).float() for a in session.run(None, feeds)]
         outputs = tuple(
-            compare(f"output {i}", torch.from_numpy(np.asarray(a)), e.cpu(), rtol, atol)
+            _top1(compare(f"output {i}", a, e.float().cpu(), tolerance, atol), a, e, half)
             for i, (a, e) in enumerate(zip(actual, expected))
         )
         checks.append(OnnxCheck(provider, outputs))
