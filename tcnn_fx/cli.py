@@ -2,6 +2,7 @@
 
     tcnn-fx sites MODEL [--input-size 224] [--weights FILE] [--graphml FILE] [--json FILE]
     tcnn-fx convert MODEL --policy stage4 [--weights FILE] [--verify] [--fold-norm] --out FILE [--onnx FILE]
+    tcnn-fx bench MODEL --policy stage4 [--batch-sizes 1,8] [--runtime torch,ort] [--json FILE] [--plot FILE]
 
 MODEL is ``torchvision:NAME``, ``timm:NAME``, ``cifar:resnetDEPTH`` or
 ``path/to/file.py:factory``.  ``--policy`` takes an expression
@@ -106,6 +107,35 @@ def convert_command(args) -> None:
         console.print(f"exported to {args.onnx}")
 
 
+def bench_command(args) -> None:
+    from tcnn_fx.export.bench import bench, plot
+
+    model, inputs = _model_and_inputs(args)
+    with console.status(f"rewriting with policy {args.policy!r}"):
+        hybrid = rewrite(model, _policy(args.policy), inputs, spec=args.model)
+    batches = tuple(int(b) for b in args.batch_sizes.split(","))
+    runtimes = tuple(args.runtime.split(","))
+    with console.status(f"timing CNN and hybrid at batches {batches} on {runtimes}"):
+        rows = bench(model, hybrid, tuple(inputs[0].shape[1:]), batches=batches, runtimes=runtimes, rounds=args.rounds)
+    table = Table(title=f"{args.model}, policy {args.policy!r}, {inputs[0].shape[-1]}px, {torch.get_num_threads()} threads")
+    for column in ("batch", "runtime", "CNN ms", "hybrid ms", "hybrid / CNN", "FLOP ratio", "runtime / torch"):
+        table.add_column(column, justify="right")
+    torch_rows = {(r.batch, "cnn"): r.cnn for r in rows if r.runtime == "torch"} | {
+        (r.batch, "hybrid"): r.hybrid for r in rows if r.runtime == "torch"
+    }
+    for r in rows:
+        versus_torch = "-"
+        if r.runtime != "torch" and (r.batch, "hybrid") in torch_rows:
+            versus_torch = f"{r.hybrid / torch_rows[(r.batch, 'hybrid')]:.2f}"
+        table.add_row(str(r.batch), r.runtime, f"{r.cnn * 1e3:.2f}", f"{r.hybrid * 1e3:.2f}", f"{r.ratio:.3f}",
+                      f"{r.flop_ratio:.3f}", versus_torch)  # fmt: skip
+    console.print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
+    if args.plot:
+        plot(rows, args.plot, title=f"{args.model} ({args.policy})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tcnn-fx", description="Recast a CNN's convolutions as self-attention.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--opset", type=int, default=18, help="ONNX opset (18 to 23)")
     convert.add_argument("--fp16", action="store_true", help="export half precision (weights, activations, I/O)")
     convert.set_defaults(run=convert_command)
+
+    bench = commands.add_parser("bench", help="time the CNN and its hybrid side by side (PyTorch and ONNX Runtime)")
+    common(bench)
+    bench.add_argument("--policy", default="stage4", help="policy expression or .json/.yaml policy file")
+    bench.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes to time")
+    bench.add_argument("--runtime", default="torch,ort", help="comma-separated runtimes: torch, ort")
+    bench.add_argument("--rounds", type=int, default=20, help="timed rounds per batch size (median reported)")
+    bench.add_argument("--json", help="also write the rows as JSON")
+    bench.add_argument("--plot", help="also write a PNG plot of the ratios (needs matplotlib)")
+    bench.set_defaults(run=bench_command)
     return parser
 
 

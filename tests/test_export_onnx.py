@@ -123,3 +123,20 @@ def test_ort_fusions_are_offered_and_counted(hybrid, tmp_path):
     metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert "ort_fusions" in metadata  # the transformer fusions find nothing to fuse in this graph: "{}"
     assert verify_onnx(hybrid, path, (torch.randn(2, 3, 32, 32),))[0].passed
+
+
+def test_bench_times_both_models_on_both_runtimes(hybrid, tmp_path, capsys):
+    from tcnn_fx.export.bench import bench, plot
+
+    model = cifar_resnet(20).eval()
+    hybrid_of_model = tcnn_fx.rewrite(model, "last", (torch.randn(1, 3, 32, 32),))
+    rows = bench(model, hybrid_of_model, (3, 32, 32), batches=(1, 2), rounds=2, warmup=1)
+    assert [(r.batch, r.runtime) for r in rows] == [(1, "torch"), (1, "ort"), (2, "torch"), (2, "ort")]
+    assert all(r.cnn > 0 and r.hybrid > 0 and r.flop_ratio > 1 for r in rows)
+    plot(rows, tmp_path / "ratios.png")
+    assert (tmp_path / "ratios.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="unknown runtimes"):
+        bench(model, hybrid_of_model, (3, 32, 32), runtimes=("tensorflow",))
+    main(["bench", "cifar:resnet20", "--policy", "last", "--batch-sizes", "1", "--rounds", "1", "--runtime", "torch",
+          "--json", str(tmp_path / "b.json")])  # fmt: skip
+    assert "hybrid / CNN" in capsys.readouterr().out and (tmp_path / "b.json").exists()
