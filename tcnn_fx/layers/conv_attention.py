@@ -432,11 +432,21 @@ class ConvAttention2d(nn.Module):
         content = self._content(queries, keys)
         return keys, positional, content, self.content_weight().to(x.dtype).reshape(1, -1, 1, 1), out_size
 
+    @staticmethod
+    def _mix(positional: Tensor, content: Tensor, weight: Tensor, *, in_place: bool = False) -> Tensor:
+        """``(1 - w) * positional + w * content`` per head, in one pass over the content maps.
+
+        The positional term does not depend on the input (an exported graph
+        holds it as a constant), and at ``w = 0`` the result is exactly the
+        positional map.  ``in_place`` overwrites ``content``.
+        """
+        base = (positional * (1 - weight[0])).unsqueeze(0)
+        return torch.addcmul(base, content, weight, out=content if in_place else None)
+
     def forward(self, x: Tensor) -> Tensor:
         values, positional, content, weight, (out_h, out_w) = self._attend(x)
         # In eager inference the mix overwrites the content map: one large allocation fewer.
-        out = None if torch.is_grad_enabled() or _capturing() else content
-        combined = torch.lerp(positional.unsqueeze(0), content, weight, out=out)
+        combined = self._mix(positional, content, weight, in_place=not (torch.is_grad_enabled() or _capturing()))
         batch, channels = values.shape[:2]
         num_keys = values.shape[-2] * values.shape[-1]
         # Every head gathers every input channel: (B, C, keys) @ (B, keys, heads * queries).
@@ -454,7 +464,7 @@ class ConvAttention2d(nn.Module):
         """The attention maps this layer applies to ``x`` (detached), with the offsets to measure them."""
         with torch.no_grad():
             _, positional, content, weight, out_size = self._attend(x)
-            combined = torch.lerp(positional.unsqueeze(0), content, weight)
+            combined = self._mix(positional, content, weight)
             height, width = x.shape[-2:]
             offsets = relative_offsets(self.geometry, height, width, image_keys=self._image_keys, device=x.device)
             return AttentionMaps(
