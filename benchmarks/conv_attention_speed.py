@@ -10,7 +10,7 @@ the achieved FLOP/s of each; the target is that the layer achieves at least
 of attention run on the BLAS library, whose rate on the machine bounds the
 layer's.
 
-    python benchmarks/conv_attention_speed.py [--batch 8] [--rounds 30] [--json out.json]
+    python benchmarks/conv_attention_speed.py [--batch 8] [--rounds 30] [--runtime torch|ort] [--json out.json]
 
 The layer allocates large attention maps each call; glibc returns such blocks
 to the system and faults them in again on the next call.  PyTorch's CPU
@@ -28,11 +28,15 @@ import argparse
 import json
 import os
 import platform
+import tempfile
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from tcnn_fx import ConvAttention2d
+from tcnn_fx.export import to_onnx
+from tcnn_fx.export.onnx import _session
 from tcnn_fx.timing import count_flops, time_side_by_side
 
 #: (channels, input resolution, stride): the shapes the targets are stated for.
@@ -44,21 +48,35 @@ MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 TARGET_RESOLUTIONS = (7, 14)
 
 
-def measure(channels: int, resolution: int, stride: int, batch: int, rounds: int) -> dict:
+def _runners(conv: nn.Module, layer: nn.Module, x: torch.Tensor, runtime: str, folder: str) -> dict:
+    """Callables running the convolution and the layer on ``x`` in PyTorch eager or ONNX Runtime."""
+    if runtime == "torch":
+        return {"conv": lambda: conv(x), "attention": lambda: layer(x)}
+    runners = {}
+    for name, module in (("conv", conv), ("attention", layer)):
+        path = to_onnx(module, Path(folder) / f"{name}.onnx", (x,))
+        session = _session(path, "CPUExecutionProvider", spinning=False)
+        feeds = {session.get_inputs()[0].name: x.numpy()}
+        runners[name] = lambda s=session, f=feeds: s.run(None, f)
+    return runners
+
+
+def measure(channels: int, resolution: int, stride: int, batch: int, rounds: int, runtime: str = "torch") -> dict:
     torch.manual_seed(0)
     conv = nn.Conv2d(channels, channels, 3, stride=stride, padding=1, bias=False).eval()
     layer = ConvAttention2d.from_conv(conv).eval()
     x = torch.randn(batch, channels, resolution, resolution)
-    with torch.no_grad():
+    with torch.no_grad(), tempfile.TemporaryDirectory() as folder:
         error = ((layer(x) - conv(x)).abs().max() / conv(x).abs().max()).item()
         flops = {"conv": count_flops(lambda: conv(x)), "attention": count_flops(lambda: layer(x))}
-        timing = time_side_by_side({"conv": lambda: conv(x), "attention": lambda: layer(x)}, rounds=rounds)
+        timing = time_side_by_side(_runners(conv, layer, x, runtime, folder), rounds=rounds)
     rate = {name: flops[name] / timing[name].median for name in flops}
     return {
         "channels": channels,
         "resolution": resolution,
         "stride": stride,
         "batch": batch,
+        "runtime": runtime,
         "conv_ms": timing["conv"].median * 1e3,
         "attention_ms": timing["attention"].median * 1e3,
         "latency_ratio": timing["attention"].median / timing["conv"].median,
@@ -123,8 +141,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--runtime", choices=["torch", "ort"], default="torch",
+                        help="PyTorch eager, or both exported to ONNX and run by ONNX Runtime (CPU)")
     args = parser.parse_args()
-    rows = [measure(c, r, s, args.batch, args.rounds) for c, r, s in SHAPES]
+    rows = [measure(c, r, s, args.batch, args.rounds, args.runtime) for c, r, s in SHAPES]
     report = {"machine": machine(), "blas": blas_rates(args.rounds), "results": rows}
     print(json.dumps(report["machine"]))
     print(f"BLAS on this machine: bmm {report['blas']['bmm_gflops']:.0f} GFLOP/s, mm {report['blas']['mm_gflops']:.0f} GFLOP/s")
