@@ -2,7 +2,7 @@
 
     tcnn-fx sites MODEL [--input-size 224] [--weights FILE] [--graphml FILE] [--json FILE]
     tcnn-fx convert MODEL --policy stage4 [--weights FILE] [--verify] [--fold-norm] --out FILE [--onnx FILE]
-    tcnn-fx bench MODEL --policy stage4 [--batch-sizes 1,8] [--runtime torch,ort] [--json FILE] [--plot FILE]
+    tcnn-fx bench MODEL --policy stage4 [--batch 1,8] [--runtime torch,ort] [--json FILE] [--plot FILE]
 
 MODEL is ``torchvision:NAME``, ``timm:NAME``, ``cifar:resnetDEPTH`` or
 ``path/to/file.py:factory``.  ``--policy`` takes an expression
@@ -36,7 +36,7 @@ def _model_and_inputs(args) -> tuple[torch.nn.Module, tuple]:
         model = specs.load_model(args.model, args.weights)
     size = args.input_size or specs.default_input_size(args.model)
     torch.manual_seed(args.seed)
-    return model.eval(), (torch.randn(args.batch, 3, size, size),)
+    return model.eval(), (torch.randn(getattr(args, "batch_size", 1), 3, size, size),)
 
 
 def _gflops(flops: int) -> str:
@@ -113,7 +113,7 @@ def bench_command(args) -> None:
     model, inputs = _model_and_inputs(args)
     with console.status(f"rewriting with policy {args.policy!r}"):
         hybrid = rewrite(model, _policy(args.policy), inputs, spec=args.model)
-    batches = tuple(int(b) for b in args.batch_sizes.split(","))
+    batches = tuple(int(b) for b in args.batch.split(","))
     runtimes = tuple(args.runtime.split(","))
     with console.status(f"timing CNN and hybrid at batches {batches} on {runtimes}"):
         rows = bench(model, hybrid, tuple(inputs[0].shape[1:]), batches=batches, runtimes=runtimes, rounds=args.rounds)
@@ -140,11 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tcnn-fx", description="Recast a CNN's convolutions as self-attention.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def common(sub: argparse.ArgumentParser) -> None:
+    def common(sub: argparse.ArgumentParser, batch: bool = True) -> None:
         sub.add_argument("model", help="torchvision:NAME, timm:NAME, cifar:resnetDEPTH or path/to/file.py:factory")
         sub.add_argument("--weights", help="a local state-dict file to load into the model")
         sub.add_argument("--input-size", type=int, help="square input size in pixels (default 224, 32 for cifar)")
-        sub.add_argument("--batch", type=int, default=1, help="batch size of the example input")
+        if batch:
+            sub.add_argument("--batch", dest="batch_size", type=int, default=1, help="batch size of the example input")
         sub.add_argument("--seed", type=int, default=0, help="seed of the random example input")
 
     sites = commands.add_parser("sites", help="print the convolution sites of a model")
@@ -165,9 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(run=convert_command)
 
     bench = commands.add_parser("bench", help="time the CNN and its hybrid side by side (PyTorch and ONNX Runtime)")
-    common(bench)
+    common(bench, batch=False)
     bench.add_argument("--policy", default="stage4", help="policy expression or .json/.yaml policy file")
-    bench.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes to time")
+    bench.add_argument("--batch", default="1,8", help="comma-separated batch sizes to time")
     bench.add_argument("--runtime", default="torch,ort", help="comma-separated runtimes: torch, ort")
     bench.add_argument("--rounds", type=int, default=20, help="timed rounds per batch size (median reported)")
     bench.add_argument("--json", help="also write the rows as JSON")

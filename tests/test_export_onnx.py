@@ -137,6 +137,23 @@ def test_bench_times_both_models_on_both_runtimes(hybrid, tmp_path, capsys):
     assert (tmp_path / "ratios.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="unknown runtimes"):
         bench(model, hybrid_of_model, (3, 32, 32), runtimes=("tensorflow",))
-    main(["bench", "cifar:resnet20", "--policy", "last", "--batch-sizes", "1", "--rounds", "1", "--runtime", "torch",
+    main(["bench", "cifar:resnet20", "--policy", "last", "--batch", "1", "--rounds", "1", "--runtime", "torch",
           "--json", str(tmp_path / "b.json")])  # fmt: skip
     assert "hybrid / CNN" in capsys.readouterr().out and (tmp_path / "b.json").exists()
+
+
+def _cuda_provider_usable() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(not _cuda_provider_usable(), reason="needs CUDA and onnxruntime-gpu")
+def test_cuda_execution_provider(hybrid, exported, tmp_path):
+    x = (torch.randn(8, 3, 32, 32),)
+    (check,) = verify_onnx(hybrid, exported, x, providers=("CUDAExecutionProvider",))
+    assert check.outputs[0].max_rel <= 1e-4
+    half = to_onnx(hybrid, tmp_path / "h16.onnx", x, fp16=True)
+    assert verify_onnx(hybrid, half, x, providers=("CUDAExecutionProvider",))[0].passed
