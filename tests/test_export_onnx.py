@@ -42,7 +42,7 @@ def test_exported_graph_is_plain_onnx_with_folded_positional_attention(hybrid, e
     assert '"select": "last"' in metadata["policy"] and metadata["tcnn_fx_version"] == tcnn_fx.__version__
 
 
-@pytest.mark.parametrize("opset", [18, 23])
+@pytest.mark.parametrize("opset", [18, 19, 20, 21, 22, 23])
 def test_opsets(opset, tmp_path):
     model = tcnn_fx.rewrite(TinyResNet().eval(), "all", (torch.randn(1, 3, 16, 16),))
     path = to_onnx(model, tmp_path / "t.onnx", (torch.randn(2, 3, 16, 16),), opset=opset)
