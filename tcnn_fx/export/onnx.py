@@ -23,6 +23,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
+from tcnn_fx.capture import restored_modes
 from tcnn_fx.verify import Comparison, compare
 
 SUPPORTED_OPSETS = range(18, 24)
@@ -43,6 +44,23 @@ def _metadata(model: nn.Module, opset: int) -> dict[str, str]:
         data["policy"] = json.dumps(report.policy)
         data["converted_sites"] = json.dumps(list(report.converted))
     return data
+
+
+def _export(model: nn.Module, example_inputs: tuple, opset: int, dynamic_shapes, optimize: bool):
+    try:
+        return torch.onnx.export(
+            model,
+            example_inputs,
+            dynamo=True,
+            opset_version=opset,
+            dynamic_shapes=dynamic_shapes,
+            optimize=optimize,
+            external_data=False,
+            verbose=False,
+        )
+    except Exception as error:  # noqa: BLE001 - every exporter failure is reported the same way
+        reason = " ".join(str(error).split())[:500] or type(error).__name__
+        raise ExportError(f"cannot export {type(model).__name__} to ONNX: {reason}") from error
 
 
 def to_onnx(
@@ -82,24 +100,9 @@ def to_onnx(
     if dynamic_batch:
         batch = torch.export.Dim("batch")
         dynamic_shapes = tuple({0: batch} for _ in example_inputs)
-    was_training = model.training
-    model.eval()
-    try:
-        program = torch.onnx.export(
-            model,
-            example_inputs,
-            dynamo=True,
-            opset_version=opset,
-            dynamic_shapes=dynamic_shapes,
-            optimize=optimize,
-            external_data=False,
-            verbose=False,
-        )
-    except Exception as error:  # noqa: BLE001 - every exporter failure is reported the same way
-        reason = " ".join(str(error).split())[:500] or type(error).__name__
-        raise ExportError(f"cannot export {type(model).__name__} to ONNX: {reason}") from error
-    finally:
-        model.train(was_training)
+    with restored_modes(model):
+        model.eval()
+        program = _export(model, example_inputs, opset, dynamic_shapes, optimize)
     onnx_model = program.model
     if ort_fusions:
         from onnxscript.rewriter.ort_fusions import optimize_for_ort
@@ -186,13 +189,9 @@ def verify_onnx(
     per-output table when an output's relative error exceeds ``rtol`` (and its
     absolute error ``atol``).
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            expected = model(*inputs)
-    finally:
-        model.train(was_training)
+    with restored_modes(model), torch.no_grad():
+        model.eval()
+        expected = model(*inputs)
     expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
     checks = []
     for provider in providers:
