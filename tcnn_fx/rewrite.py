@@ -124,6 +124,7 @@ def rewrite(
     example_inputs = default_inputs(model, example_inputs)
     work = copy.deepcopy(model)
     graph_module = trace(work, example_inputs, config=config, leaf_modules=leaf_modules)
+    graph_module.training = model.training  # submodules keep their own modes; new layers follow the model's
     sites = graph_module.meta[SITES_KEY]
     plan = policy.plan(sites)
     flops = graph_module.meta[FLOPS_KEY]
@@ -151,7 +152,6 @@ def rewrite(
         capture=dict(capture_info.fallback_leaves) if capture_info else {},
     )
     graph_module.meta[REPORT_KEY] = report
-    graph_module.train(model.training)
     if verify:
         from tcnn_fx.verify import verify as verify_models
 

@@ -105,3 +105,12 @@ def test_failures_return_nothing_half_done():
     with pytest.raises(tcnn_fx.PolicyError):
         tcnn_fx.rewrite(model, "stage7", (torch.randn(1, 3, 16, 16),))
     assert not any(isinstance(m, ConvAttention2d) for m in model.modules())
+
+
+def test_mixed_modes_are_kept():
+    model = TinyResNet().train()
+    model.stem_bn.eval()  # a frozen norm inside a model being trained
+    hybrid = tcnn_fx.rewrite(model, "last", (torch.randn(2, 3, 16, 16),))
+    assert hybrid.training and hybrid.b2.training and hybrid.a1_bn.training
+    assert not hybrid.stem_bn.training
+    assert not model.stem_bn.training and model.a1_bn.training
