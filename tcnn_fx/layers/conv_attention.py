@@ -263,12 +263,20 @@ class ConvAttention2d(nn.Module):
 
     @classmethod
     def from_weights(
-        cls, geometry: ConvGeometry, weight: Tensor, bias: Tensor | None = None, config: ConvAttentionConfig | None = None
+        cls,
+        geometry: ConvGeometry,
+        weight: Tensor,
+        bias: Tensor | None = None,
+        config: ConvAttentionConfig | None = None,
+        *,
+        adopt: bool = False,
     ) -> ConvAttention2d:
         """The layer equal to ``F.conv2d`` with ``weight``, ``bias`` and ``geometry``, on ``weight``'s device and dtype.
 
         For convolutions that exist only as a function call in a graph (a
-        padding folded in, weights owned by another module).
+        padding folded in, weights owned by another module).  With ``adopt``
+        the layer takes ``weight`` and ``bias`` themselves as its parameters
+        instead of copies: for a compiler pass that discards the convolution.
         """
         out_channels, in_per_group = weight.shape[:2]
         if tuple(weight.shape[2:]) != geometry.kernel_size:
@@ -290,6 +298,11 @@ class ConvAttention2d(nn.Module):
             dtype=weight.dtype,
         )
         layer.reset_attention_parameters()
+        if adopt:
+            layer.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+            if bias is not None:
+                layer.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
+            return layer
         with torch.no_grad():
             layer.weight.copy_(weight)
             if bias is not None:

@@ -89,7 +89,8 @@ def convert_sites(
     for site in plan.selected:
         conv = nodes[site.node]
         weight, bias = _weights(graph_module, site, nodes)
-        layer = ConvAttention2d.from_weights(site.geometry, weight, bias, config)
+        # The convolution is discarded with the graph's copy of the model: its tensors become the layer's.
+        layer = ConvAttention2d.from_weights(site.geometry, weight, bias, config, adopt=True)
         layer.train(graph_module.training)
         source = nodes[site.pad_node].args[0] if site.pad_node else conv.args[0]
         out, folded, note = conv, None, None
