@@ -140,7 +140,9 @@ def _check_signature(model: nn.Module, example_inputs: tuple) -> None:
         raise TypeError(f"{type(model).__name__}.forward needs arguments {missing} that example_inputs do not give")
 
 
-def _trace_with_fallback(model, leaf_types, leaf_names: set[str], autowrap_functions, fallbacks: dict[str, str]):
+def _trace_with_fallback(
+    model, leaf_types, leaf_names: set[str], autowrap_functions, fallbacks: dict[str, str]
+) -> tuple[nn.Module, fx.Graph]:
     """Trace, making each submodule that fails a leaf, until tracing succeeds."""
     while True:
         tracer = CaptureTracer(leaf_types, leaf_names, autowrap_functions)
@@ -157,7 +159,7 @@ def _trace_with_fallback(model, leaf_types, leaf_names: set[str], autowrap_funct
             leaf_names.add(culprit)
             fallbacks[culprit] = reason
             continue
-        return fx.GraphModule(tracer.root, graph, type(model).__name__)
+        return tracer.root, graph
 
 
 def _signature(graph: fx.Graph) -> list[tuple[str, str, str]]:
@@ -222,7 +224,7 @@ def capture(
         while True:
             train = _trace_with_fallback(model.train(), leaf_types, leaf_names, autowrap_functions, fallbacks)
             eval_ = _trace_with_fallback(model.eval(), leaf_types, leaf_names, autowrap_functions, fallbacks)
-            modules, difference = _mode_differences(train.graph, eval_.graph)
+            modules, difference = _mode_differences(train[1], eval_[1])
             new_leaves = sorted(m for m in modules if m and m not in leaf_names)
             if difference is None or not new_leaves:
                 break
@@ -234,6 +236,7 @@ def capture(
             f"({difference}); the captured graph follows the model's current mode ({'train' if was_training else 'eval'})",
             stacklevel=2,
         )
-    result = train if was_training else eval_
+    root, graph = train if was_training else eval_
+    result = fx.GraphModule(root, graph, type(model).__name__)
     result.meta["tcnn_fx.capture"] = CaptureInfo(dict(fallbacks), tuple(mode_leaves), difference)
     return result
