@@ -1,5 +1,6 @@
 """tcnn_fx: recast a trained CNN's convolutions as self-attention that equals them at initialisation."""
 
+from tcnn_fx import export
 from tcnn_fx.capture import CaptureError, capture
 from tcnn_fx.checkpoint import load, save
 from tcnn_fx.layers import AttentionMaps, ConvAttention2d, ConvAttentionConfig, ConvGeometry
@@ -24,6 +25,7 @@ __all__ = [
     "VerifyReport",
     "__version__",
     "capture",
+    "export",
     "find_sites",
     "load",
     "report_of",
