@@ -35,7 +35,6 @@ class Conversion:
     """What the pass did to one site."""
 
     site: str
-    module: str
     folded_norm: str | None = None
     note: str | None = None
 
@@ -106,12 +105,12 @@ def convert_sites(
         with graph_module.graph.inserting_before(conv):
             replacement = graph_module.graph.call_module(site.name, (source,))
         replacement.meta.update(out.meta)
-        replacement.meta["tcnn_fx.site"] = site.name
+        replacement.meta["tcnn_fx.site"] = site
         out.replace_all_uses_with(replacement)
         for name in (site.norm_node if folded else None, site.node, site.pad_node):
             if name is not None and not nodes[name].users:
                 graph_module.graph.erase_node(nodes[name])
-        conversions.append(Conversion(site.name, site.name, folded, note))
+        conversions.append(Conversion(site.name, folded, note))
     graph_module.graph.eliminate_dead_code()
     graph_module.delete_all_unused_submodules()
     graph_module.graph.lint()
