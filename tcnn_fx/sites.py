@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from tcnn_fx.layers import ConvAttention2d, ConvAttentionConfig, ConvGeometry
+from tcnn_fx.layers.conv_attention import conv2d_mismatch
 from tcnn_fx.passes.shape_prop import spatial_size
 
 NORM_TYPES: set[type] = {nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm}
@@ -231,13 +232,10 @@ class _SiteBuilder:
 
     def _module_facts(self, node: fx.Node, conv: nn.Conv2d) -> dict:
         geometry = ConvGeometry.of(conv)
-        reason = None
-        if type(conv).forward is not nn.Conv2d.forward or type(conv)._conv_forward is not nn.Conv2d._conv_forward:
-            reason = f"{type(conv).__name__} overrides forward(): its output is not F.conv2d of its weight"
-        elif self.call_counts[node.target] > 1:
+        mismatch = conv2d_mismatch(conv)
+        reason = f"{type(conv).__name__} {mismatch}" if mismatch else None
+        if reason is None and self.call_counts[node.target] > 1:
             reason = f"the module is called at {self.call_counts[node.target]} places in the graph (shared weights)"
-        elif conv._forward_hooks or conv._forward_pre_hooks:
-            reason = "the module has forward hooks"
         return self._with_pad(node, node.args[0], dict(
             name=node.target, kind="module", geometry=geometry, in_channels=conv.in_channels,
             out_channels=conv.out_channels, bias=conv.bias is not None, reason=reason,

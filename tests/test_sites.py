@@ -91,3 +91,14 @@ def test_fixed_filter_buffers_are_not_converted():
     blur = sites["0"]
     assert not blur.convertible and "buffer" in blur.reason
     assert sites["1"].convertible
+
+
+def test_pruned_convolution_site_is_convertible_and_hooked_one_is_not():
+    from torch.nn.utils import prune
+
+    model = TinyResNet()
+    prune.l1_unstructured(model.a1, "weight", amount=0.5)
+    model.b2.register_forward_hook(lambda module, args, out: out * 2)
+    sites, _ = sites_of(model)
+    assert sites["a1"].convertible
+    assert not sites["b2"].convertible and "_forward_hooks" in sites["b2"].reason

@@ -151,6 +151,26 @@ def _capturing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or is_in_torch_dispatch_mode()
 
 
+def conv2d_mismatch(conv: nn.Conv2d) -> str | None:
+    """Why an ``nn.Conv2d`` does not compute ``F.conv2d`` of its own weights (a predicate phrase), or ``None``.
+
+    A subclass overriding ``forward()`` or ``_conv_forward()``, or forward hooks
+    (other than pruning's, which only recompute the weight), change what the
+    module returns; the attention layer would not reproduce that.
+    """
+    for attribute in ("forward", "_conv_forward"):
+        if getattr(type(conv), attribute) is not getattr(nn.Conv2d, attribute):
+            return (
+                f"overrides {attribute}(), so its output is not that of nn.Conv2d with its weights; convert "
+                "the plain convolution its forward calls, or make the model use nn.Conv2d"
+            )
+    for attribute in ("_forward_hooks", "_forward_pre_hooks"):
+        hooks = [h for h in getattr(conv, attribute).values() if not isinstance(h, prune.BasePruningMethod)]
+        if hooks:
+            return f"has {attribute} {hooks}, which the attention layer would not run"
+    return None
+
+
 def _reject_unsupported(conv: nn.Module) -> None:
     """Raise a clear error for a module that ``from_conv`` cannot reproduce exactly."""
     if isinstance(conv, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
@@ -163,19 +183,9 @@ def _reject_unsupported(conv: nn.Module) -> None:
         raise TypeError(f"expected an nn.Conv2d, got {type(conv).__name__}")
     if isinstance(conv.weight, nn.parameter.UninitializedParameter):
         raise ValueError(f"{type(conv).__name__}.weight is uninitialised (lazy); run one forward pass first")
-    for attribute in ("forward", "_conv_forward"):
-        if getattr(type(conv), attribute) is not getattr(nn.Conv2d, attribute):
-            raise ValueError(
-                f"{type(conv).__name__} overrides {attribute}(), so its output is not that of nn.Conv2d with "
-                "its weights; convert the plain convolution its forward calls, or make the model use nn.Conv2d"
-            )
-    for attribute in ("_forward_hooks", "_forward_pre_hooks"):
-        hooks = [h for h in getattr(conv, attribute).values() if not isinstance(h, prune.BasePruningMethod)]
-        if hooks:
-            raise ValueError(
-                f"{type(conv).__name__} has {attribute} {hooks}; the attention layer would not run them. "
-                "Remove the hooks or convert a copy of the convolution without them"
-            )
+    reason = conv2d_mismatch(conv)
+    if reason is not None:
+        raise ValueError(f"{type(conv).__name__} {reason}")
     if conv.weight.is_complex():
         raise TypeError(f"{type(conv).__name__}.weight is complex ({conv.weight.dtype}); only real dtypes are supported")
 
