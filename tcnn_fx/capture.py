@@ -155,7 +155,9 @@ def _trace_with_fallback(
                 where = f"module '{culprit}'" if culprit else f"{type(model).__name__}.forward itself"
                 raise CaptureError(f"cannot trace {where}: {reason}") from error
             if len(fallbacks) >= MAX_FALLBACKS:
-                raise CaptureError(f"gave up after making {MAX_FALLBACKS} modules leaves; last: '{culprit}': {reason}")
+                raise CaptureError(
+                    f"gave up after making {MAX_FALLBACKS} modules leaves; last: '{culprit}': {reason}"
+                ) from error
             leaf_names.add(culprit)
             fallbacks[culprit] = reason
             continue
@@ -179,8 +181,7 @@ def _mode_differences(train: fx.Graph, eval_: fx.Graph) -> tuple[set[str], str |
     for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
         if tag == "equal":
             continue
-        for op, target, module in a[i1:i2] + b[j1:j2]:
-            modules.add(module)
+        modules.update(module for *_, module in a[i1:i2] + b[j1:j2])
         lines.append(f"train {[t for _, t, _ in a[i1:i2]]} vs eval {[t for _, t, _ in b[j1:j2]]}")
     return modules, ("; ".join(lines) if lines else None)
 
