@@ -44,10 +44,6 @@ class VerifyReport:
     def passed(self) -> bool:
         return self.output.passed and all(site.passed for site in self.sites)
 
-    @property
-    def worst_site(self) -> Comparison | None:
-        return max(self.sites, key=lambda c: c.max_rel, default=None)
-
     def table(self) -> str:
         rows = [("", "max abs", "max rel", "")]
         for c in (self.output, *self.sites):
