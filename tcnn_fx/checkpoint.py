@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from tcnn_fx.files import atomic_write
 from tcnn_fx.layers import ConvAttentionConfig
 from tcnn_fx.policy import Policy
 from tcnn_fx.rewrite import report_of, rewrite
@@ -20,36 +21,52 @@ from tcnn_fx.rewrite import report_of, rewrite
 FORMAT = "tcnn_fx/1"
 
 
-def save(hybrid: nn.Module, path: str | Path) -> None:
-    """Write ``hybrid`` (from ``tcnn_fx.rewrite``) to ``path``."""
+def save(hybrid: nn.Module, path: str | Path, *, num_classes: int | None = None) -> None:
+    """Write ``hybrid`` (from ``tcnn_fx.rewrite``) to ``path``, atomically.
+
+    ``num_classes``: the base model's head was replaced by one with that many
+    outputs before the rewrite (``specs.replace_head``); loading does the same.
+    """
     report = report_of(hybrid)
     if report.policy is None:
         raise ValueError("the model was rewritten with a Python predicate policy, which cannot be saved")
-    torch.save(
-        {
-            "format": FORMAT,
-            "spec": report.spec,
-            "policy": report.policy,
-            "config": report.config,
-            "input_shape": list(report.input_shape),
-            "fold_norm": report.fold_norm,
-            "state_dict": hybrid.state_dict(),
-        },
-        path,
-    )
+    payload = {
+        "format": FORMAT,
+        "spec": report.spec,
+        "policy": report.policy,
+        "config": report.config,
+        "input_shape": list(report.input_shape),
+        "fold_norm": report.fold_norm,
+        "num_classes": num_classes,
+        "state_dict": hybrid.state_dict(),
+    }
+    with atomic_write(path) as temporary:
+        torch.save(payload, temporary)
+
+
+def _read(path: str | Path) -> dict:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a tcnn_fx checkpoint (format {FORMAT})")
+    return payload
+
+
+def input_shape(path: str | Path) -> tuple[int, ...]:
+    """The example input shape a saved hybrid was rewritten with."""
+    return tuple(_read(path)["input_shape"])
 
 
 def load(path: str | Path, model: nn.Module | None = None) -> fx.GraphModule:
     """Rebuild a saved hybrid; ``model`` is the base model when the checkpoint records no spec."""
-    from tcnn_fx.specs import build
+    from tcnn_fx.specs import build, replace_head
 
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a tcnn_fx checkpoint (format {FORMAT})")
+    payload = _read(path)
     if model is None:
         if not payload["spec"]:
             raise ValueError(f"{path} records no model spec: pass the base model, load(path, model=...)")
         model = build(payload["spec"])
+    if payload.get("num_classes") is not None:
+        replace_head(model, payload["num_classes"])
     if payload["fold_norm"]:
         model.eval()  # batch norms were folded in eval mode
     hybrid = rewrite(

@@ -3,9 +3,13 @@
     tcnn-fx sites MODEL [--input-size 224] [--weights FILE] [--graphml FILE] [--json FILE]
     tcnn-fx convert MODEL --policy stage4 [--weights FILE] [--verify] [--fold-norm] --out FILE [--onnx FILE]
     tcnn-fx bench MODEL --policy stage4 [--batch 1,8] [--runtime torch,ort] [--json FILE] [--plot FILE]
+    tcnn-fx finetune MODEL [--weights FILE] --policy last --data DIR --out RUN [--resume] [--epochs N ...]
+    tcnn-fx evaluate MODEL --data DIR [--corruptions all] [--severities 1,2,3,4,5] [--per-class N] [--json FILE]
+    tcnn-fx analyze HYBRID.pt --data DIR [--images 256] [--json FILE] [--plot FILE]
 
-MODEL is ``torchvision:NAME``, ``timm:NAME``, ``cifar:resnetDEPTH`` or
-``path/to/file.py:factory``.  ``--policy`` takes an expression
+MODEL is ``torchvision:NAME``, ``timm:NAME``, ``cifar:resnetDEPTH``,
+``path/to/file.py:factory``, or a ``.pt`` file written by ``convert`` or
+``finetune``.  ``--policy`` takes an expression
 (``stage4``, ``stage>=3 & res<=14`` ...) or a policy file (``.json``,
 ``.yaml``).
 """
@@ -25,18 +29,34 @@ from rich.table import Table
 from tcnn_fx import checkpoint, specs
 from tcnn_fx.policy import Policy
 from tcnn_fx.rewrite import SITES_KEY, report_of, rewrite, trace
+from tcnn_fx.robustness.corruptions import CORRUPTIONS
 from tcnn_fx.sites import site_graph
+from tcnn_fx.training.recipe import OPTIMIZERS, Recipe
 from tcnn_fx.verify import verify
 
 console = Console(width=None if sys.stdout.isatty() else 200)
 
 
+def _input_size(args) -> int:
+    if _is_checkpoint(args.model):
+        return args.input_size or checkpoint.input_shape(args.model)[-1]
+    return args.input_size or specs.default_input_size(args.model)
+
+
+def _is_checkpoint(model: str) -> bool:
+    return model.endswith(".pt") and Path(model).is_file()
+
+
 def _model_and_inputs(args) -> tuple[torch.nn.Module, tuple]:
+    """The model MODEL names (a spec, or a checkpoint of ``convert``/``finetune``) and a random example input."""
+    torch.manual_seed(args.seed)  # random initial weights and example input follow --seed
     with console.status(f"building {args.model}"):
-        model = specs.load_model(args.model, args.weights)
-    size = args.input_size or specs.default_input_size(args.model)
-    torch.manual_seed(args.seed)
-    return model.eval(), (torch.randn(getattr(args, "batch_size", 1), 3, size, size),)
+        if _is_checkpoint(args.model):
+            model = checkpoint.load(args.model)
+        else:
+            model = specs.load_model(args.model, args.weights, num_classes=getattr(args, "num_classes", None))
+    size = _input_size(args)
+    return model.eval(), (torch.randn(getattr(args, "example_batch", 1), 3, size, size),)
 
 
 def _gflops(flops: int) -> str:
@@ -117,7 +137,9 @@ def bench_command(args) -> None:
     runtimes = tuple(args.runtime.split(","))
     with console.status(f"timing CNN and hybrid at batches {batches} on {runtimes}"):
         rows = bench(model, hybrid, tuple(inputs[0].shape[1:]), batches=batches, runtimes=runtimes, rounds=args.rounds)
-    table = Table(title=f"{args.model}, policy {args.policy!r}, {inputs[0].shape[-1]}px, {torch.get_num_threads()} threads")
+    table = Table(
+        title=f"{args.model}, policy {args.policy!r}, {inputs[0].shape[-1]}px, {torch.get_num_threads()} threads"
+    )
     for column in ("batch", "runtime", "CNN ms", "hybrid ms", "hybrid / CNN", "FLOP ratio", "runtime / torch"):
         table.add_column(column, justify="right")
     torch_rows = {(r.batch, "cnn"): r.cnn for r in rows if r.runtime == "torch"} | {
@@ -136,6 +158,103 @@ def bench_command(args) -> None:
         plot(rows, args.plot, title=f"{args.model} ({args.policy})")
 
 
+def _check_classes(model: torch.nn.Module, inputs: tuple, classes: list[str], data: str) -> None:
+    with torch.no_grad():
+        outputs = model(*inputs).shape[-1]
+    if outputs != len(classes):
+        raise ValueError(
+            f"the model has {outputs} outputs but {data} has {len(classes)} classes; "
+            f"pass --num-classes {len(classes)} to replace the classifier head"
+        )
+
+
+def _recipe(args) -> Recipe:
+    return Recipe(
+        epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+        attention_lr=args.attention_lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, clip_grad_norm=args.clip_grad,
+        amp=not args.no_amp, seed=args.seed, workers=args.workers,
+    )  # fmt: skip
+
+
+def finetune_command(args) -> None:
+    from tcnn_fx.training import Preprocessing, balanced_subset, finetune, load_splits
+
+    recipe = _recipe(args)
+    if _is_checkpoint(args.model):
+        raise ValueError(f"finetune starts from a model spec (with --weights), not from the checkpoint {args.model}")
+    with console.status(f"reading {args.data}"):
+        train, evaluation = load_splits(args.data, Preprocessing(_input_size(args)), in_memory=args.in_memory)
+    for split in (train, evaluation):
+        if split.skipped:
+            console.print(f"[yellow]skipped {len(split.skipped)} undecodable images in {split.root}[/]")
+    model, inputs = _model_and_inputs(args)
+    _check_classes(model, inputs, train.classes, args.data)
+    with console.status(f"rewriting with policy {args.policy!r}"):
+        hybrid = rewrite(model, _policy(args.policy), inputs, spec=args.model)
+    console.print(f"[bold]{args.model}[/]: {report_of(hybrid).summary()}")
+    if args.train_subset:
+        train = torch.utils.data.Subset(train, balanced_subset(train.targets, args.train_subset, seed=0))
+    console.print(f"training on {len(train)} images, evaluating on {len(evaluation)}; recipe {recipe.to_dict()}")
+    identity = {"spec": args.model, "weights": args.weights, "policy": args.policy, "num_classes": args.num_classes}
+    result = finetune(hybrid, train, evaluation, recipe, args.out, resume=args.resume, progress=not args.quiet,
+                      identity=identity)  # fmt: skip
+    out = Path(args.out) / "model.pt"
+    checkpoint.save(result.model.cpu(), out, num_classes=args.num_classes)
+    start, end = result.history[0]["val_top1"], result.final_top1
+    console.print(f"top-1 {start:.4f} before, {end:.4f} after {recipe.epochs} epochs; model saved to {out}")
+
+
+def _evaluation_split(args):
+    from tcnn_fx.training import ImageFolderData, Preprocessing, find_splits
+
+    preprocessing = Preprocessing(_input_size(args))
+    with console.status(f"reading {args.data}"):
+        split = ImageFolderData(find_splits(args.data)[1], preprocessing.eval(), in_memory=True)
+    if split.skipped:
+        console.print(f"[yellow]skipped {len(split.skipped)} undecodable images in {split.root}[/]")
+    return split, preprocessing
+
+
+def evaluate_command(args) -> None:
+    from tcnn_fx.robustness import evaluate_robustness
+
+    split, preprocessing = _evaluation_split(args)
+    model, inputs = _model_and_inputs(args)
+    if args.policy != "none":
+        model = rewrite(model, _policy(args.policy), inputs, spec=args.model)
+    _check_classes(model, inputs, split.classes, args.data)
+    corruptions = tuple(args.corruptions.split(",")) if args.corruptions != "all" else None
+    severities = tuple(int(s) for s in args.severities.split(","))
+    report = evaluate_robustness(model, split, preprocessing, severities=severities, per_class=args.per_class,
+                                 seed=args.seed, progress=not args.quiet, **({"corruptions": corruptions} if corruptions else {}))  # fmt: skip
+    console.print(report.table(), markup=False)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(
+            json.dumps({"model": args.model, "policy": args.policy} | report.to_dict(), indent=2) + "\n"
+        )
+
+
+def analyze_command(args) -> None:
+    from tcnn_fx import analysis
+    from tcnn_fx.training import balanced_subset
+
+    split, _ = _evaluation_split(args)
+    model, _ = _model_and_inputs(args)
+    per_class = max(1, args.images // len(split.classes))
+    images = torch.stack([split[i][0] for i in balanced_subset(split.targets, per_class, seed=args.seed)])
+    with console.status(f"measuring attention on {len(images)} images"):
+        rows = analysis.analyze_attention(model, images)
+    console.print(analysis.table(rows), markup=False)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"model": args.model, "images": len(images),
+                                               "layers": [r.to_dict() for r in rows]}, indent=2) + "\n")  # fmt: skip
+    if args.plot:
+        analysis.plot(rows, args.plot, title=f"{args.model} on {len(images)} images")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tcnn-fx", description="Recast a CNN's convolutions as self-attention.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -145,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--weights", help="a local state-dict file to load into the model")
         sub.add_argument("--input-size", type=int, help="square input size in pixels (default 224, 32 for cifar)")
         if batch:
-            sub.add_argument("--batch", dest="batch_size", type=int, default=1, help="batch size of the example input")
+            sub.add_argument(
+                "--batch", dest="example_batch", type=int, default=1, help="batch size of the example input"
+            )
         sub.add_argument("--seed", type=int, default=0, help="seed of the random example input")
 
     sites = commands.add_parser("sites", help="print the convolution sites of a model")
@@ -174,6 +295,65 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", help="also write the rows as JSON")
     bench.add_argument("--plot", help="also write a PNG plot of the ratios (needs matplotlib)")
     bench.set_defaults(run=bench_command)
+
+    tune = commands.add_parser(
+        "finetune", help="fine-tune a hybrid (or, with --policy none, the CNN) on an ImageFolder"
+    )
+    common(tune, batch=False)
+    tune.add_argument("--policy", default="none", help="policy of the sites to convert first ('none': the CNN itself)")
+    tune.add_argument(
+        "--data", required=True, help="folder with train/ and val/ (or test/) ImageFolders, or a .tar of one"
+    )
+    tune.add_argument("--out", required=True, help="output folder: last.pt (each epoch), metrics.jsonl, model.pt")
+    tune.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    tune.add_argument("--num-classes", type=int, help="replace the classifier head with one of this many classes")
+    tune.add_argument("--train-subset", type=int, help="train on this many images per class (a fixed balanced sample)")
+    tune.add_argument("--in-memory", action="store_true", help="decode all images once into memory (small datasets)")
+    tune.add_argument("--quiet", action="store_true", help="no progress bars")
+    defaults = Recipe()
+    tune.add_argument("--epochs", type=int, default=defaults.epochs)
+    tune.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
+    tune.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
+    tune.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate after warm-up")
+    tune.add_argument(
+        "--attention-lr", type=float, help="peak learning rate of the new attention parameters (default --lr)"
+    )
+    tune.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD (Nesterov) momentum")
+    tune.add_argument(
+        "--weight-decay", type=float, default=defaults.weight_decay, help="not applied to norms, biases, gates"
+    )
+    tune.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
+    tune.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
+    tune.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
+    tune.add_argument(
+        "--no-amp", action="store_true", help="no mixed precision on CUDA (the CPU always trains in float32)"
+    )
+    tune.add_argument("--workers", type=int, default=defaults.workers, help="data-loading processes")
+    tune.set_defaults(run=finetune_command)
+
+    evaluate = commands.add_parser("evaluate", help="clean and corrupted top-1 (CIFAR-10-C / ImageNet-C style)")
+    common(evaluate, batch=False)
+    evaluate.add_argument("--data", required=True, help="dataset folder or .tar; its val/ (or test/) split is used")
+    evaluate.add_argument("--policy", default="none", help="convert these sites first (default: evaluate MODEL as is)")
+    evaluate.add_argument(
+        "--num-classes", type=int, help="replace the classifier head (a spec's weights for another class count)"
+    )
+    evaluate.add_argument("--corruptions", default="all", help=f"comma-separated, from {', '.join(CORRUPTIONS)}")
+    evaluate.add_argument("--severities", default="1,2,3,4,5", help="comma-separated severities, 1 to 5")
+    evaluate.add_argument("--per-class", type=int, help="corrupted copies use this many images per class (default all)")
+    evaluate.add_argument("--json", help="also write the result as JSON")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+    evaluate.set_defaults(run=evaluate_command)
+
+    analyze = commands.add_parser("analyze", help="gates and attention distances of a hybrid's converted layers")
+    common(analyze, batch=False)
+    analyze.add_argument(
+        "--data", required=True, help="dataset folder or .tar; images come from its val/ (or test/) split"
+    )
+    analyze.add_argument("--images", type=int, default=256, help="how many images (balanced over classes)")
+    analyze.add_argument("--json", help="also write the table as JSON")
+    analyze.add_argument("--plot", help="also write a PNG plot (needs matplotlib)")
+    analyze.set_defaults(run=analyze_command)
     return parser
 
 
@@ -181,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError) as error:
         console.print(f"[red]error:[/] {error}")
         sys.exit(2)
 

@@ -176,7 +176,7 @@ class Policy:
             else:
                 chosen[site.name] = site
         selected = self._within_budget(sites, chosen, skipped)
-        if not selected:
+        if not selected and (self.select != "none" or self.sites):  # "none" asks for nothing (the CNN as is)
             warnings.warn(f"policy {self.select!r} selects no convertible site", stacklevel=2)
         return Plan(tuple(selected), skipped)
 

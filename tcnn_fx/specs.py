@@ -67,7 +67,9 @@ def _from_file(path: Path, factory: str, extra: dict) -> nn.Module:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     if not hasattr(module, factory):
-        raise ValueError(f"{path} has no {factory!r}; it defines {sorted(n for n in vars(module) if not n.startswith('_'))}")
+        raise ValueError(
+            f"{path} has no {factory!r}; it defines {sorted(n for n in vars(module) if not n.startswith('_'))}"
+        )
     model = getattr(module, factory)(**extra)
     if not isinstance(model, nn.Module):
         raise TypeError(f"{path}:{factory} returned a {type(model).__name__}, not an nn.Module")
@@ -94,7 +96,29 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-def load_model(spec: str, weights: str | Path | None = None) -> nn.Module:
-    """Build the model ``spec`` names and load ``weights`` into it if given."""
+def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
+    """Give ``model`` a fresh classifier with ``num_classes`` outputs, in place.
+
+    timm models reset their own classifier; otherwise the last ``nn.Linear``
+    (in module order) is the head and is replaced by a new one of the same
+    input width.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, not {num_classes}")
+    if hasattr(model, "reset_classifier"):
+        model.reset_classifier(num_classes)
+        return model
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier to replace with {num_classes} outputs")
+    name, head = linears[-1]
+    model.set_submodule(name, nn.Linear(head.in_features, num_classes, bias=head.bias is not None))
+    return model
+
+
+def load_model(spec: str, weights: str | Path | None = None, *, num_classes: int | None = None) -> nn.Module:
+    """Build the model ``spec`` names, load ``weights`` into it if given, then replace its head if asked."""
     model = build(spec)
-    return load_weights(model, weights) if weights is not None else model
+    if weights is not None:
+        load_weights(model, weights)
+    return replace_head(model, num_classes) if num_classes is not None else model

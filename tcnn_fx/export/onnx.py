@@ -14,7 +14,6 @@ import copy
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from tcnn_fx.capture import restored_modes
+from tcnn_fx.files import atomic_write
 from tcnn_fx.verify import Comparison, compare
 
 SUPPORTED_OPSETS = range(18, 24)
@@ -110,14 +110,8 @@ def to_onnx(
         onnx_model, counts = optimize_for_ort(onnx_model)
         metadata["ort_fusions"] = json.dumps({name: n for name, n in counts.items() if n})
     onnx_model.metadata_props.update(metadata)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_write(path) as temporary:
         ir.save(onnx_model, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
     return path
 
 

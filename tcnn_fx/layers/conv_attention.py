@@ -122,14 +122,20 @@ class AttentionMaps:
     output_size: tuple[int, int]
     key_size: tuple[int, int]
 
-    def mean_distance(self) -> Tensor:
+    def mean_distance(self, which: str = "combined") -> Tensor:
         """Mean attention distance per head in pixels (ConViT's non-locality measure), ``(heads,)``.
 
-        Averaged over queries and batch, weighted by attention mass.
+        Averaged over queries and batch, weighted by attention mass, of the
+        ``combined`` maps (what the layer applies), or of its ``positional``
+        or ``content`` part alone.
         """
-        distance = self.offsets.norm(dim=-1).to(self.combined.dtype)
+        if which not in ("combined", "positional", "content"):
+            raise ValueError(f"which must be 'combined', 'positional' or 'content', not {which!r}")
+        maps = getattr(self, which)
+        maps = maps[None] if maps.ndim == 3 else maps
+        distance = self.offsets.norm(dim=-1).to(maps.dtype)
         # Weighted by attention mass: a zero-padded border tap attends to nothing and has no distance.
-        return (self.combined * distance).sum(dim=(0, 2, 3)) / self.combined.sum(dim=(0, 2, 3))
+        return (maps * distance).sum(dim=(0, 2, 3)) / maps.sum(dim=(0, 2, 3))
 
 
 def _qk_dim(config: ConvAttentionConfig, in_channels: int, heads: int) -> int:
