@@ -56,3 +56,24 @@ def test_converted_model_predicts_like_the_cnn(test_set, depth):
     accuracy = (cnn.argmax(1) == labels).float().mean().item()
     assert accuracy > 0.75  # about 81% (ResNet-20) and 83% (ResNet-56) on the JPEG copy, per shared/README.md
     assert ((attention - cnn).abs().max() / cnn.abs().max()) <= 1e-5
+
+
+def test_shared_tar_fine_tunes_and_hybrid_starts_at_the_cnns_accuracy(tmp_path, monkeypatch):
+    """The tar is usable as data (extracted to a cache folder), and epoch 0 of fine-tuning is the CNN exactly."""
+    from torch.utils.data import Subset
+
+    from tcnn_fx.training import Preprocessing, Recipe, balanced_subset, evaluate_accuracy, finetune, load_splits
+
+    monkeypatch.setenv("TCNN_FX_CACHE", str(tmp_path / "cache"))
+    train, evaluation = load_splits(TAR, Preprocessing(32))
+    assert (len(train), len(evaluation)) == (50_000, 10_000) and len(train.classes) == 10
+    assert (tmp_path / "cache" / "datasets" / "cifar10-jpeg" / "cifar10" / "train").is_dir()
+    evaluation = Subset(evaluation, balanced_subset(evaluation.targets, 50, seed=0))
+    model = load_model("cifar:resnet20", next((SHARED / "weights").glob("resnet20-*.th"))).eval()
+    cnn_top1 = evaluate_accuracy(model, evaluation)["val_top1"]
+    hybrid = tcnn_fx.rewrite(model, "last", (torch.zeros(1, 3, 32, 32),))
+    subset = Subset(train, balanced_subset(train.targets, 10, seed=0))
+    recipe = Recipe(epochs=1, batch_size=50, lr=0.01, workers=0)
+    result = finetune(hybrid, subset, evaluation, recipe, tmp_path / "run", progress=False)
+    assert result.history[0]["val_top1"] == cnn_top1 > 0.7
+    assert result.history[1]["val_images"] == 500 and (tmp_path / "run" / "last.pt").is_file()

@@ -114,7 +114,9 @@ def evaluate_accuracy(
     Under ``torchrun`` each process takes every ``world``-th sample and the
     counts are summed, so no sample is counted twice.
     """
-    processes = processes or Processes(device=next(model.parameters()).device)
+    if processes is None:
+        parameter = next(model.parameters(), None)
+        processes = Processes(device=parameter.device if parameter is not None else torch.device("cpu"))
     if not isinstance(data, DataLoader):
         if processes.world > 1:
             data = torch.utils.data.Subset(data, range(processes.rank, len(data), processes.world))
