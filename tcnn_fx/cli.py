@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -199,6 +200,8 @@ def finetune_command(args) -> None:
     identity = {"spec": args.model, "weights": args.weights, "policy": args.policy, "num_classes": args.num_classes}
     result = finetune(hybrid, train, evaluation, recipe, args.out, resume=args.resume, progress=not args.quiet,
                       identity=identity)  # fmt: skip
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 writes the model
+        return
     out = Path(args.out) / "model.pt"
     checkpoint.save(result.model.cpu(), out, num_classes=args.num_classes)
     start, end = result.history[0]["val_top1"], result.final_top1

@@ -98,11 +98,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _autocast(recipe: Recipe, device: torch.device):
-    if recipe.amp and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return nullcontext()
+def _amp_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
+    """bfloat16 where the GPU has it, else float16 (which needs gradient scaling); None: no mixed precision."""
+    if not (recipe.amp and device.type == "cuda"):
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def evaluate_accuracy(
@@ -238,7 +238,9 @@ def finetune(
         num_workers=recipe.workers, persistent_workers=recipe.workers > 0, pin_memory=processes.device.type == "cuda",
     )  # fmt: skip
     schedule = recipe.build_schedule(optimizer, len(loader))
-    scaler = torch.amp.GradScaler("cuda", enabled=recipe.amp and processes.device.type == "cuda")
+    amp_dtype = _amp_dtype(recipe, processes.device)
+    autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     history: list[dict] = []
     start = 1
     if resume:
@@ -274,7 +276,7 @@ def finetune(
         for step, (images, labels) in enumerate(bar):
             images = images.to(processes.device, non_blocking=True)
             labels = labels.to(processes.device, non_blocking=True)
-            with _autocast(recipe, processes.device):
+            with autocast:
                 logits = trained(images)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=recipe.label_smoothing)
             if not math.isfinite(loss.item()):
