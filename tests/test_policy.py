@@ -1,5 +1,7 @@
 """Policy engine: names, rules, lists, predicates, composition, budgets, files, errors."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -23,6 +25,9 @@ def test_named_policies(sites):
     assert chosen("stage0", sites) == {"a1"}  # the stem is excluded by default
     assert chosen("stage0+1", sites) == chosen("stage>=0", sites) == chosen("all", sites) == {"a1", "b1", "b2"}
     with pytest.warns(UserWarning, match="selects no convertible site"):
+        assert chosen("stage0 & stage1", sites) == set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 'none' asks for nothing (the CNN as is): no warning
         assert chosen("none", sites) == set()
 
 
