@@ -17,6 +17,7 @@ MODEL is ``torchvision:NAME``, ``timm:NAME``, ``cifar:resnetDEPTH``,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -258,6 +259,84 @@ def analyze_command(args) -> None:
         analysis.plot(rows, args.plot, title=f"{args.model} on {len(images)} images")
 
 
+def search_command(args) -> None:
+    from tcnn_fx.search import Constraints, SearchSettings, SearchSpace, load_study, run_search
+    from tcnn_fx.search import front as fronts
+    from tcnn_fx.search.evaluate import CandidateEvaluator
+
+    objectives = tuple(args.objectives.split(","))
+    if "accuracy" in objectives and not args.data and args.export_policy is None:
+        raise ValueError(
+            "the accuracy objective fine-tunes each candidate: pass --data, or leave accuracy out of --objectives"
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    storage = args.storage or str(out / "study.journal")
+    model, inputs = _model_and_inputs(args)
+    space = SearchSpace.build(model, inputs, args.base_policy, args.group)
+    constraints = Constraints(args.max_flop_ratio, args.max_param_ratio, args.max_latency_ratio)
+    settings = SearchSettings(objectives, constraints, args.sampler, args.trials, args.seed, args.population)
+    name = args.study or f"{args.model}|{args.base_policy}|{args.group}"
+    study = load_study(space, settings, storage, name, spec=args.model)  # refuses another model's study up front
+    if args.export_policy is not None:
+        fronts.export_policy(study, args.export_policy, args.policy_out or out / f"trial_{args.export_policy}.json")
+        console.print(f"wrote the policy of trial {args.export_policy}")
+        return
+    console.print(f"search space: {len(space.groups)} {args.group} choices ({space.size} candidates) under {args.base_policy!r}; "
+                  f"study {name!r} in {storage} has {len(study.trials)} trials")  # fmt: skip
+    evaluator = CandidateEvaluator(model, inputs, space, runtime=args.runtime, batch=args.latency_batch)
+    if "accuracy" in objectives:
+        from tcnn_fx.training import Preprocessing, balanced_subset, load_splits
+
+        train, evaluation = load_splits(args.data, Preprocessing(_input_size(args)), in_memory=args.in_memory)
+        _check_classes(model, inputs, train.classes, args.data)
+        per_class = args.proxy_images if args.accuracy == "proxy" else args.train_subset
+        if per_class:
+            train = torch.utils.data.Subset(train, balanced_subset(train.targets, per_class, seed=0))
+        if args.eval_subset:
+            evaluation = torch.utils.data.Subset(
+                evaluation, balanced_subset(evaluation.targets, args.eval_subset, seed=0)
+            )
+        evaluator.train, evaluator.evaluation = train, evaluation
+        evaluator.recipe = dataclasses.replace(_recipe(args), epochs=1 if args.accuracy == "proxy" else args.epochs)
+    study = run_search(space, evaluator, settings, storage, name, spec=args.model, progress=not args.quiet)
+    table = Table(title=f"Pareto front of {name!r} ({fronts.summary(study)['trials']} trials)")
+    for column in ("trial", *objectives, "flop_ratio", "converted", "groups"):
+        table.add_column(column, justify="left" if column == "groups" else "right")
+    for row in fronts.front(study):
+        cells = [f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in (*objectives, "flop_ratio")]
+        table.add_row(str(row["trial"]), *cells, str(row["converted"]), row["groups"][:80])
+    console.print(table)
+    written = fronts.write(study, out)
+    fronts.plot(study, out / "front.png")
+    failed = fronts.summary(study)["failed"]
+    for number, reason in failed.items():
+        console.print(f"[yellow]trial {number} failed:[/] {reason}")
+    console.print(f"front: {written['csv']}, {written['json']}, {out / 'front.png'}, policies in {written['policies']}")
+
+
+def _recipe_arguments(sub: argparse.ArgumentParser, defaults: Recipe) -> None:
+    """One flag per Recipe field (read back by ``_recipe``)."""
+    sub.add_argument("--epochs", type=int, default=defaults.epochs)
+    sub.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
+    sub.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
+    sub.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate after warm-up")
+    sub.add_argument(
+        "--attention-lr", type=float, help="peak learning rate of the new attention parameters (default --lr)"
+    )
+    sub.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD (Nesterov) momentum")
+    sub.add_argument(
+        "--weight-decay", type=float, default=defaults.weight_decay, help="not applied to norms, biases, gates"
+    )
+    sub.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
+    sub.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
+    sub.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
+    sub.add_argument(
+        "--no-amp", action="store_true", help="no mixed precision on CUDA (the CPU always trains in float32)"
+    )
+    sub.add_argument("--workers", type=int, default=defaults.workers, help="data-loading processes")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tcnn-fx", description="Recast a CNN's convolutions as self-attention.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -313,25 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--train-subset", type=int, help="train on this many images per class (a fixed balanced sample)")
     tune.add_argument("--in-memory", action="store_true", help="decode all images once into memory (small datasets)")
     tune.add_argument("--quiet", action="store_true", help="no progress bars")
-    defaults = Recipe()
-    tune.add_argument("--epochs", type=int, default=defaults.epochs)
-    tune.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
-    tune.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
-    tune.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate after warm-up")
-    tune.add_argument(
-        "--attention-lr", type=float, help="peak learning rate of the new attention parameters (default --lr)"
-    )
-    tune.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD (Nesterov) momentum")
-    tune.add_argument(
-        "--weight-decay", type=float, default=defaults.weight_decay, help="not applied to norms, biases, gates"
-    )
-    tune.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
-    tune.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
-    tune.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
-    tune.add_argument(
-        "--no-amp", action="store_true", help="no mixed precision on CUDA (the CPU always trains in float32)"
-    )
-    tune.add_argument("--workers", type=int, default=defaults.workers, help="data-loading processes")
+    _recipe_arguments(tune, Recipe())
     tune.set_defaults(run=finetune_command)
 
     evaluate = commands.add_parser("evaluate", help="clean and corrupted top-1 (CIFAR-10-C / ImageNet-C style)")
@@ -357,6 +418,37 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--json", help="also write the table as JSON")
     analyze.add_argument("--plot", help="also write a PNG plot (needs matplotlib)")
     analyze.set_defaults(run=analyze_command)
+
+    search = commands.add_parser("search", help="search which sites to convert: Pareto front of accuracy vs cost")
+    common(search, batch=False)
+    search.add_argument("--out", required=True, help="folder for the study journal, front.csv/json/png, policies/")
+    search.add_argument("--data", help="dataset folder or .tar (needed for the accuracy objective)")
+    search.add_argument("--base-policy", default="all", help="only sites this policy selects are searched")
+    search.add_argument("--group", choices=("site", "block", "stage"), default="site", help="one choice per ...")
+    search.add_argument("--objectives", default="accuracy,latency_ratio",
+                        help="comma-separated: accuracy, latency_ratio, flop_ratio, param_ratio")  # fmt: skip
+    search.add_argument("--trials", type=int, default=50, help="trials to run now (a rerun adds more)")
+    search.add_argument("--sampler", choices=("nsga2", "tpe"), default="nsga2")
+    search.add_argument("--population", type=int, default=16, help="NSGA-II population size")
+    search.add_argument("--max-flop-ratio", type=float)
+    search.add_argument("--max-param-ratio", type=float)
+    search.add_argument("--max-latency-ratio", type=float)
+    search.add_argument("--storage", help="journal file or Optuna RDB URL (default OUT/study.journal)")
+    search.add_argument("--study", help="study name (default: MODEL|BASE-POLICY|GROUP)")
+    search.add_argument("--export-policy", type=int, metavar="TRIAL", help="write the policy of this trial and stop")
+    search.add_argument("--policy-out", help="file for --export-policy (default OUT/trial_N.json)")
+    search.add_argument("--accuracy", choices=("finetune", "proxy"), default="finetune",
+                        help="short fine-tune per candidate, or the cheap proxy (one epoch on --proxy-images per class)")  # fmt: skip
+    search.add_argument("--train-subset", type=int, help="fine-tune on this many images per class")
+    search.add_argument("--proxy-images", type=int, default=20, help="proxy: images per class for its one epoch")
+    search.add_argument("--eval-subset", type=int, help="evaluate on this many images per class")
+    search.add_argument("--in-memory", action="store_true", help="decode all images once into memory")
+    search.add_argument("--runtime", choices=("torch", "ort"), default="torch", help="latency measured on this runtime")
+    search.add_argument("--latency-batch", type=int, default=8)
+    search.add_argument("--num-classes", type=int, help="replace the classifier head")
+    search.add_argument("--quiet", action="store_true")
+    _recipe_arguments(search, Recipe(epochs=1, warmup_epochs=0.2, workers=0))
+    search.set_defaults(run=search_command)
     return parser
 
 
