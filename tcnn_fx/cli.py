@@ -260,7 +260,10 @@ def analyze_command(args) -> None:
 
 
 def search_command(args) -> None:
-    from tcnn_fx.search import Constraints, SearchSettings, SearchSpace, load_study, run_search
+    try:
+        from tcnn_fx.search import Constraints, SearchSettings, SearchSpace, load_study, run_search
+    except ImportError as error:
+        raise RuntimeError(f"tcnn-fx search needs Optuna ({error}): pip install 'tcnn_fx[search]'") from error
     from tcnn_fx.search import front as fronts
     from tcnn_fx.search.evaluate import CandidateEvaluator
 

@@ -176,6 +176,8 @@ def run_search(
     signs = np.array([-1.0 if OBJECTIVES[o] == "maximize" else 1.0 for o in settings.objectives])
 
     def report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if not progress:
+            return
         bar.update(1)
         done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         front = pareto_mask(np.array([t.values for t in done]) * signs).sum() if done else 0
