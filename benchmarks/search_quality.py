@@ -97,7 +97,7 @@ def main() -> None:
             results["curves"][sampler] = fractions
             final = [f[-1] for f in fractions]
             at = {k: [f[min(k, len(f)) - 1] for f in fractions] for k in (64, 128, 256, 512, budget)}
-            print(f"{sampler}: hypervolume / exact after {budget} evaluations: {np.mean(final):.4f} "
+            print(f"{sampler}: hypervolume / exact after {budget} trials: {np.mean(final):.4f} "
                   f"(min {min(final):.4f}); " + ", ".join(f"{k}: {np.mean(v):.3f}" for k, v in at.items()))  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(results) + "\n")
