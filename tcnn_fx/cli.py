@@ -431,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--objectives", default="accuracy,latency_ratio",
                         help="comma-separated: accuracy, latency_ratio, flop_ratio, param_ratio")  # fmt: skip
     search.add_argument("--trials", type=int, default=50, help="trials to run now (a rerun adds more)")
-    search.add_argument("--sampler", choices=("nsga2", "tpe"), default="nsga2")
+    search.add_argument("--sampler", choices=("tpe", "nsga2"), default="tpe")
     search.add_argument("--population", type=int, default=16, help="NSGA-II population size")
     search.add_argument("--max-flop-ratio", type=float)
     search.add_argument("--max-param-ratio", type=float)

@@ -58,7 +58,7 @@ class Constraints:
 class SearchSettings:
     objectives: tuple[str, ...] = ("accuracy", "latency_ratio")
     constraints: Constraints = field(default_factory=Constraints)
-    sampler: str = "nsga2"
+    sampler: str = "tpe"
     trials: int = 50
     seed: int = 0
     population: int = 16
