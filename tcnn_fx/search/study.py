@@ -104,6 +104,7 @@ def load_study(
     space: SearchSpace, settings: SearchSettings, storage: str, name: str, spec: str | None = None
 ) -> optuna.Study:
     """Create the study, or open it if it exists and was made for this space and these objectives."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # progress is ours; Optuna's INFO lines repeat it
     backend = open_storage(storage)
     study = optuna.create_study(study_name=name, storage=backend, load_if_exists=True, sampler=_sampler(settings),
                                 directions=[OBJECTIVES[o] for o in settings.objectives])  # fmt: skip
@@ -170,7 +171,6 @@ def run_search(
             raise optuna.TrialPruned(reason)
         return [values[o] for o in settings.objectives]
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     bar = tqdm(total=settings.trials, desc="search", disable=not progress)
 
     signs = np.array([-1.0 if OBJECTIVES[o] == "maximize" else 1.0 for o in settings.objectives])
