@@ -25,9 +25,9 @@ def _row(trial: optuna.trial.FrozenTrial, groups: list) -> dict:
 
 
 def front(study: optuna.Study) -> list[dict]:
-    """The Pareto-optimal complete trials, by first objective (best first)."""
+    """The Pareto-optimal complete trials, one per mask (repeats served from the cache are left out), best first."""
     groups = study.user_attrs["groups"]
-    rows = [_row(t, groups) for t in study.best_trials]
+    rows = [_row(t, groups) for t in study.best_trials if "cached_from" not in t.user_attrs]
     first = study.user_attrs["objectives"][0]
     return sorted(rows, key=lambda r: r[first], reverse=first == "accuracy")
 
