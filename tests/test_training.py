@@ -90,7 +90,7 @@ def test_bad_recipe_names_the_field(field, value):
 
 def test_recipe_round_trips_and_rejects_unknown_fields():
     assert Recipe.from_dict(RECIPE.to_dict()) == RECIPE
-    with pytest.raises(ValueError, match="unknown recipe fields"):
+    with pytest.raises(ValueError, match="unknown Recipe fields"):
         Recipe.from_dict({"lr": 0.1, "learning_rate": 0.1})
 
 

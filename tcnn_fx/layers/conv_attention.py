@@ -21,7 +21,6 @@ saddle point that zero query and key weights would be.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -34,6 +33,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from tcnn_fx.layers.conv_geometry import ConvGeometry
 from tcnn_fx.layers.positional import positional_attention, relative_offsets
+from tcnn_fx.settings import DictSettings
 
 #: Off-target positional mass per neighbour is ``exp(-locality)``: at 40 the four
 #: nearest neighbours together weigh 1.7e-17, below float64 rounding of the target's 1.
@@ -41,7 +41,7 @@ EXACT_LOCALITY = 40.0
 
 
 @dataclass(frozen=True)
-class ConvAttentionConfig:
+class ConvAttentionConfig(DictSettings):
     """How a ``ConvAttention2d`` parameterises and initialises its attention.
 
     ``locality_strength``
@@ -91,16 +91,6 @@ class ConvAttentionConfig:
     def is_exact(self) -> bool:
         """Whether a layer built with this config reproduces its convolution at initialisation."""
         return self.gate == "linear" and self.gate_init == 0.0 and self.locality_strength >= EXACT_LOCALITY
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ConvAttentionConfig:
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown ConvAttentionConfig fields {sorted(unknown)}")
-        return cls(**data)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ own learning rate.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from tcnn_fx.layers import ConvAttention2d
+from tcnn_fx.settings import DictSettings
 
 OPTIMIZERS = ("sgd", "adamw")
 #: Parameters of ConvAttention2d that the convolution did not provide.
@@ -28,7 +28,7 @@ NO_DECAY_ATTENTION = ("centres", "locality", "gate")
 
 
 @dataclass(frozen=True)
-class Recipe:
+class Recipe(DictSettings):
     """How to fine-tune: every number that changes the result, saved with each checkpoint."""
 
     epochs: int = 10
@@ -65,16 +65,6 @@ class Recipe:
             raise ValueError(f"attention_lr must not be negative, not {self.attention_lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], not {self.min_lr_ratio}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Recipe:
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown recipe fields {sorted(unknown)}")
-        return cls(**data)
 
     def parameter_groups(self, model: nn.Module) -> list[dict]:
         """Four groups: (CNN | attention) x (decay | no decay); empty groups are left out."""
