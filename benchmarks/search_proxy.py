@@ -38,7 +38,10 @@ def ranks(values: list[float]) -> np.ndarray:
     return result
 
 
-def spearman(a: list[float], b: list[float]) -> float:
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rho; None when one side ranks every candidate equal (no ranking to correlate)."""
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return None
     return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
@@ -81,7 +84,7 @@ def main() -> None:
         **results, "spearman": spearman(results["finetune"], results["proxy"]), "kendall": kendall(results["finetune"], results["proxy"]),
         "settings": vars(args) | {"shared": str(args.shared), "json": str(args.json)},
     }  # fmt: skip
-    print(f"Spearman {summary['spearman']:.3f}, Kendall {summary['kendall']:.3f} over {len(masks)} candidates")
+    print(f"Spearman {summary['spearman']}, Kendall {summary['kendall']:.3f} over {len(masks)} candidates")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1) + "\n")
 
