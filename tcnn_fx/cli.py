@@ -179,24 +179,40 @@ def _recipe(args) -> Recipe:
     )  # fmt: skip
 
 
+def _report_skipped(split) -> None:
+    if split.skipped:
+        console.print(f"[yellow]skipped {len(split.skipped)} undecodable images in {split.root}[/]")
+
+
+def _training_splits(
+    args, model: torch.nn.Module, inputs: tuple, train_per_class: int | None, eval_per_class: int | None
+):
+    """Train and evaluation splits of ``--data`` for ``model`` (classes checked), optionally class-balanced samples."""
+    from tcnn_fx.training import Preprocessing, balanced_subset, load_splits
+
+    with console.status(f"reading {args.data}"):
+        train, evaluation = load_splits(args.data, Preprocessing(_input_size(args)), in_memory=args.in_memory)
+    for split in (train, evaluation):
+        _report_skipped(split)
+    _check_classes(model, inputs, train.classes, args.data)
+    if train_per_class:
+        train = torch.utils.data.Subset(train, balanced_subset(train.targets, train_per_class, seed=0))
+    if eval_per_class:
+        evaluation = torch.utils.data.Subset(evaluation, balanced_subset(evaluation.targets, eval_per_class, seed=0))
+    return train, evaluation
+
+
 def finetune_command(args) -> None:
-    from tcnn_fx.training import Preprocessing, balanced_subset, finetune, load_splits
+    from tcnn_fx.training import finetune
 
     recipe = _recipe(args)
     if _is_checkpoint(args.model):
         raise ValueError(f"finetune starts from a model spec (with --weights), not from the checkpoint {args.model}")
-    with console.status(f"reading {args.data}"):
-        train, evaluation = load_splits(args.data, Preprocessing(_input_size(args)), in_memory=args.in_memory)
-    for split in (train, evaluation):
-        if split.skipped:
-            console.print(f"[yellow]skipped {len(split.skipped)} undecodable images in {split.root}[/]")
     model, inputs = _model_and_inputs(args)
-    _check_classes(model, inputs, train.classes, args.data)
+    train, evaluation = _training_splits(args, model, inputs, args.train_subset, None)
     with console.status(f"rewriting with policy {args.policy!r}"):
         hybrid = rewrite(model, _policy(args.policy), inputs, spec=args.model)
     console.print(f"[bold]{args.model}[/]: {report_of(hybrid).summary()}")
-    if args.train_subset:
-        train = torch.utils.data.Subset(train, balanced_subset(train.targets, args.train_subset, seed=0))
     console.print(f"training on {len(train)} images, evaluating on {len(evaluation)}; recipe {recipe.to_dict()}")
     identity = {"spec": args.model, "weights": args.weights, "policy": args.policy, "num_classes": args.num_classes}
     result = finetune(hybrid, train, evaluation, recipe, args.out, resume=args.resume, progress=not args.quiet,
@@ -215,8 +231,7 @@ def _evaluation_split(args):
     preprocessing = Preprocessing(_input_size(args))
     with console.status(f"reading {args.data}"):
         split = ImageFolderData(find_splits(args.data)[1], preprocessing.eval(), in_memory=True)
-    if split.skipped:
-        console.print(f"[yellow]skipped {len(split.skipped)} undecodable images in {split.root}[/]")
+    _report_skipped(split)
     return split, preprocessing
 
 
@@ -228,10 +243,10 @@ def evaluate_command(args) -> None:
     if args.policy != "none":
         model = rewrite(model, _policy(args.policy), inputs, spec=args.model)
     _check_classes(model, inputs, split.classes, args.data)
-    corruptions = tuple(args.corruptions.split(",")) if args.corruptions != "all" else None
+    corruptions = CORRUPTIONS if args.corruptions == "all" else tuple(args.corruptions.split(","))
     severities = tuple(int(s) for s in args.severities.split(","))
-    report = evaluate_robustness(model, split, preprocessing, severities=severities, per_class=args.per_class,
-                                 seed=args.seed, progress=not args.quiet, **({"corruptions": corruptions} if corruptions else {}))  # fmt: skip
+    report = evaluate_robustness(model, split, preprocessing, corruptions=corruptions, severities=severities,
+                                 per_class=args.per_class, seed=args.seed, progress=not args.quiet)  # fmt: skip
     console.print(report.table(), markup=False)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -289,17 +304,8 @@ def search_command(args) -> None:
                   f"study {name!r} in {storage} has {len(study.trials)} trials")  # fmt: skip
     evaluator = CandidateEvaluator(model, inputs, space, runtime=args.runtime, batch=args.latency_batch)
     if "accuracy" in objectives:
-        from tcnn_fx.training import Preprocessing, balanced_subset, load_splits
-
-        train, evaluation = load_splits(args.data, Preprocessing(_input_size(args)), in_memory=args.in_memory)
-        _check_classes(model, inputs, train.classes, args.data)
         per_class = args.proxy_images if args.accuracy == "proxy" else args.train_subset
-        if per_class:
-            train = torch.utils.data.Subset(train, balanced_subset(train.targets, per_class, seed=0))
-        if args.eval_subset:
-            evaluation = torch.utils.data.Subset(
-                evaluation, balanced_subset(evaluation.targets, args.eval_subset, seed=0)
-            )
+        train, evaluation = _training_splits(args, model, inputs, per_class, args.eval_subset)
         evaluator.train, evaluator.evaluation = train, evaluation
         evaluator.recipe = dataclasses.replace(_recipe(args), epochs=1 if args.accuracy == "proxy" else args.epochs)
     study = run_search(space, evaluator, settings, storage, name, spec=args.model, progress=not args.quiet)
