@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from tcnn_fx.layers import ConvAttention2d
+from tcnn_fx.layers import ConvAttention2d, ConvStem
 
 #: How many submodules may be made leaves before capture gives up.
 MAX_FALLBACKS = 64
@@ -64,6 +64,15 @@ def _timm_registries() -> tuple[set[type], set, set[type]]:
 
 
 @functools.cache
+def timm_attention_types() -> tuple[type, ...]:
+    """timm's self-attention layer, kept whole so the ViT passes find it in a captured model too."""
+    try:
+        return (importlib.import_module("timm.layers.attention").Attention,)
+    except (ImportError, AttributeError):
+        return ()
+
+
+@functools.cache
 def _torchvision_registries() -> tuple[set[type], tuple]:
     """torchvision's leaf modules (every ``nn.Module`` in ``torchvision.ops``) and auto-wrapped modules.
 
@@ -94,7 +103,8 @@ class CaptureTracer(fx.Tracer):
             autowrap_functions=tuple(timm_functions) + tuple(autowrap_functions),
             param_shapes_constant=True,
         )
-        self.leaf_types = (ConvAttention2d, *timm_leaves, *leaf_types)
+        # tcnn_fx's own layers and timm's attention stay whole, so analyses find them in a captured model too
+        self.leaf_types = (ConvAttention2d, ConvStem, *timm_attention_types(), *timm_leaves, *leaf_types)
         self.atomic_leaf_types = tuple(vision_leaves)
         self.leaf_names = set(leaf_names)
         self.path: list[str] = []
@@ -148,7 +158,7 @@ def _trace_with_fallback(
         tracer = CaptureTracer(leaf_types, leaf_names, autowrap_functions)
         try:
             graph = tracer.trace(model)
-        except Exception as error:  # noqa: BLE001 - any tracing failure is pinned on the module being traced
+        except Exception as error:
             culprit = tracer.failed_module or ""
             reason = f"{type(error).__name__}: {error}".splitlines()[0]
             if not culprit or culprit in leaf_names:

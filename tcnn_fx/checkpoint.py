@@ -1,9 +1,10 @@
 """Save and load rewritten models.
 
 A checkpoint holds the recipe (base model spec, policy, layer config, input
-shape) and the state dict, nothing executable: loading rebuilds the base
-model, replays the rewrite and loads the weights with
-``torch.load(weights_only=True)``.
+shape, and structural passes applied before the rewrite such as a ViT's
+convolutional stem) and the state dict, nothing executable: loading rebuilds
+the base model, replays those passes and the rewrite and loads the weights
+with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ from tcnn_fx.rewrite import report_of, rewrite
 FORMAT = "tcnn_fx/1"
 
 
-def save(hybrid: nn.Module, path: str | Path, *, num_classes: int | None = None) -> None:
+def save(hybrid: nn.Module, path: str | Path, *, num_classes: int | None = None, conv_stem: dict | None = None) -> None:
     """Write ``hybrid`` (from ``tcnn_fx.rewrite``) to ``path``, atomically.
 
     ``num_classes``: the base model's head was replaced by one with that many
     outputs before the rewrite (``specs.replace_head``); loading does the same.
+    ``conv_stem``: ``passes.conv_stem`` ran before the rewrite with these
+    keyword arguments (``widths``, ``remove_block``); loading replays it.
+    Initialisation passes need no record: the weights are saved.
     """
     report = report_of(hybrid)
     if report.policy is None:
@@ -38,6 +42,7 @@ def save(hybrid: nn.Module, path: str | Path, *, num_classes: int | None = None)
         "input_shape": list(report.input_shape),
         "fold_norm": report.fold_norm,
         "num_classes": num_classes,
+        "conv_stem": conv_stem,
         "state_dict": hybrid.state_dict(),
     }
     with atomic_write(path) as temporary:
@@ -67,12 +72,17 @@ def load(path: str | Path, model: nn.Module | None = None) -> fx.GraphModule:
         model = build(payload["spec"])
     if payload.get("num_classes") is not None:
         replace_head(model, payload["num_classes"])
+    inputs = (torch.zeros(payload["input_shape"]),)
+    if payload.get("conv_stem") is not None:
+        from tcnn_fx.passes.conv_stem import conv_stem
+
+        model, _ = conv_stem(model, inputs, inplace=True, **payload["conv_stem"])
     if payload["fold_norm"]:
         model.eval()  # batch norms were folded in eval mode
     hybrid = rewrite(
         model,
         Policy.from_dict(payload["policy"]),
-        (torch.zeros(payload["input_shape"]),),
+        inputs,
         config=ConvAttentionConfig.from_dict(payload["config"]),
         fold_norm=payload["fold_norm"],
         spec=payload["spec"],

@@ -202,6 +202,27 @@ def _training_splits(
     return train, evaluation
 
 
+def _vit_passes(args, model: torch.nn.Module, inputs: tuple) -> tuple[torch.nn.Module, dict | None]:
+    """Apply ``--conv-stem`` and ``--attention-init``; returns the model and the conv stem record for the checkpoint."""
+    stem = None
+    if args.conv_stem:
+        from tcnn_fx.passes.conv_stem import conv_stem
+
+        model, report = conv_stem(model, inputs, remove_block=args.remove_block, inplace=True)
+        console.print(report.table(), markup=False)
+        stem = {"widths": list(report.widths), "remove_block": args.remove_block}
+    if args.attention_init != "default":
+        from tcnn_fx.passes.attention_init import impulse_init, mimetic_init
+
+        if args.attention_init == "impulse":
+            model, report = impulse_init(model, inputs, kernel_size=args.impulse_kernel, target=args.impulse_target,
+                                         position_scale=args.position_scale, seed=args.seed, inplace=True)  # fmt: skip
+        else:
+            model, report = mimetic_init(model, seed=args.seed, inplace=True)
+        console.print(report.table(), markup=False)
+    return model, stem
+
+
 def finetune_command(args) -> None:
     from tcnn_fx.training import finetune
 
@@ -209,18 +230,20 @@ def finetune_command(args) -> None:
     if _is_checkpoint(args.model):
         raise ValueError(f"finetune starts from a model spec (with --weights), not from the checkpoint {args.model}")
     model, inputs = _model_and_inputs(args)
+    model, stem = _vit_passes(args, model, inputs)
     train, evaluation = _training_splits(args, model, inputs, args.train_subset, None)
     with console.status(f"rewriting with policy {args.policy!r}"):
         hybrid = rewrite(model, _policy(args.policy), inputs, spec=args.model)
     console.print(f"[bold]{args.model}[/]: {report_of(hybrid).summary()}")
     console.print(f"training on {len(train)} images, evaluating on {len(evaluation)}; recipe {recipe.to_dict()}")
-    identity = {"spec": args.model, "weights": args.weights, "policy": args.policy, "num_classes": args.num_classes}
+    identity = {"spec": args.model, "weights": args.weights, "policy": args.policy, "num_classes": args.num_classes,
+                "attention_init": args.attention_init, "conv_stem": stem}  # fmt: skip
     result = finetune(hybrid, train, evaluation, recipe, args.out, resume=args.resume, progress=not args.quiet,
                       identity=identity)  # fmt: skip
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 writes the model
         return
     out = Path(args.out) / "model.pt"
-    checkpoint.save(result.model.cpu(), out, num_classes=args.num_classes)
+    checkpoint.save(result.model.cpu(), out, num_classes=args.num_classes, conv_stem=stem)
     start, end = result.history[0]["val_top1"], result.final_top1
     console.print(f"top-1 {start:.4f} before, {end:.4f} after {recipe.epochs} epochs; model saved to {out}")
 
@@ -401,6 +424,15 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--train-subset", type=int, help="train on this many images per class (a fixed balanced sample)")
     tune.add_argument("--in-memory", action="store_true", help="decode all images once into memory (small datasets)")
     tune.add_argument("--quiet", action="store_true", help="no progress bars")
+    vit = tune.add_argument_group("ViT passes (applied before the policy's rewrite; see docs/vit.md)")
+    vit.add_argument("--conv-stem", action="store_true", help="replace the patchify stem with a convolutional stem")
+    vit.add_argument("--remove-block", action="store_true", help="with --conv-stem: drop the last transformer block")
+    vit.add_argument("--attention-init", choices=("default", "impulse", "mimetic"), default="default",
+                     help="initialise the attention layers' queries/keys (and values for mimetic)")  # fmt: skip
+    vit.add_argument("--impulse-kernel", type=int, default=3, help="impulse window K (offsets within K x K)")
+    vit.add_argument("--impulse-target", choices=("onehot", "distance"), default="onehot", help="impulse logit target")
+    vit.add_argument("--position-scale", type=float,
+                     help="impulse: rescale the positional embedding to this multiple of the patch tokens' RMS")  # fmt: skip
     _recipe_arguments(tune, Recipe())
     tune.set_defaults(run=finetune_command)
 

@@ -35,7 +35,8 @@ from pathlib import Path
 
 from tcnn_fx.sites import Site
 
-_COMPARE = {"<=": operator.le, ">=": operator.ge, "==": operator.eq, "<": operator.lt, ">": operator.gt}
+#: Comparison operators of the expression language (also used for attention layers' depth).
+COMPARISONS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq, "<": operator.lt, ">": operator.gt}
 _TOKEN = re.compile(r"\s*(\(|\)|&|\||~|[^\s()&|~]+)")
 
 
@@ -244,7 +245,7 @@ def _term(text: str) -> Predicate:
         return by_stage
     match = re.fullmatch(r"(stage|res|kernel)(<=|>=|==|<|>)(\d+)", text)
     if match:
-        key, op, value = match.group(1), _COMPARE[match.group(2)], int(match.group(3))
+        key, op, value = match.group(1), COMPARISONS[match.group(2)], int(match.group(3))
         measure = {"stage": lambda s: s.stage, "res": lambda s: s.resolution, "kernel": lambda s: max(s.kernel_size)}
         return lambda site, ctx: op(measure[key](site), value)
     raise PolicyError(

@@ -85,3 +85,33 @@ class WithUntraceable(nn.Module):
 
     def forward(self, x):
         return self.conv(self.inner(x))
+
+
+def tiny_vit(
+    num_classes: int = 5, img_size: int = 16, patch_size: int = 4, embed_dim: int = 32, num_heads: int = 2, **kwargs
+):
+    """A timm ViT small enough for the tests: a 4x4 token grid and a class token at the default size."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=2, num_heads=num_heads,
+                             mlp_ratio=2, num_classes=num_classes, **kwargs)  # fmt: skip
+
+
+class SequenceFirstViT(nn.Module):
+    """A ViT built on ``nn.MultiheadAttention`` with sequence-first tensors and no class token (mean pooling)."""
+
+    def __init__(self, num_classes: int = 5, width: int = 24, grid: int = 4, patch: int = 4):
+        super().__init__()
+        self.patchify = nn.Conv2d(3, width, patch, stride=patch)
+        self.pos_embedding = nn.Parameter(torch.randn(1, grid * grid, width) * 0.02)
+        self.norms = nn.ModuleList([nn.LayerNorm(width) for _ in range(2)])
+        self.attentions = nn.ModuleList([nn.MultiheadAttention(width, 3) for _ in range(2)])
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        tokens = self.patchify(x).flatten(2).transpose(1, 2) + self.pos_embedding
+        tokens = tokens.transpose(0, 1)  # (L, B, D)
+        for norm, attention in zip(self.norms, self.attentions, strict=True):
+            normed = norm(tokens)
+            tokens = tokens + attention(normed, normed, normed, need_weights=False)[0]
+        return self.head(tokens.mean(0))

@@ -1,0 +1,381 @@
+"""Structured initialisation of a Vision Transformer's attention: impulse (convolutional) and mimetic.
+
+``impulse_init`` (Zheng, Li & Lucey, arXiv 2404.01139): every head gets an
+offset inside a K x K window, and its query/key weights are solved in closed
+form so that, on the model's positional embeddings, the head's attention is
+that offset's shift matrix (a one-hot "impulse" convolution filter)::
+
+    X     = layer_norm(positional embeddings of the grid tokens)     (N, D)
+    L_h   = target logits of head h                                   (N, N)
+    A_h   = pinv(X) @ L_h @ pinv(X).T / scale                         (D, D)
+    A_h  ~= Wq_h.T @ Wk_h    (rank head_dim: truncated SVD, sqrt(S) to each side)
+
+so that ``X Wq_h.T (X Wk_h.T).T * scale ~= L_h``.  ``X`` is what a pre-norm
+block's attention sees of a token that is its position only.  Two target
+logit matrices are offered:
+
+* ``'onehot'`` (default): ``L[i, j] = strength`` on the target token, 0
+  elsewhere: the paper's shift matrix itself, default strength 16.  Full rank,
+  so the rank-``head_dim`` truncation blurs it, but with learned (random)
+  positional embeddings, as timm and torchvision initialise them, the heads
+  still put 0.99-1.00 of their mass on the target, and the small weights this
+  needs leave the map robust to the patch content added to the positions.
+* ``'distance'``: ``L[i, j] = -strength * ||p_j - (p_i + offset)||^2``,
+  row-centred.  It has rank <= 4, so the SVD truncation loses nothing and the
+  only approximation is the pseudo-inverse's (the positional embeddings must
+  span the quadratic); softmax turns it into a peak on the target token that
+  holds ``1 / (1 + 4 exp(-strength) + ...)`` of the mass in the interior (0.93
+  at the default strength 4).  At the border a head whose target is outside
+  the grid attends to the nearest grid tokens.  The choice for smooth
+  (sinusoidal) embeddings, where ``'onehot'`` cannot be expressed; its large
+  weights make it sensitive to the content mixed into the tokens.
+
+Inside the model a token is ``patch content + position``, and timm and
+torchvision initialise positions with standard deviation 0.02 against patch
+tokens of RMS about 0.6: the positions are drowned and the solved heads
+attend almost uniformly.  ``position_scale`` rescales the positional embedding
+to that multiple of the patch tokens' RMS (measured on ``example_inputs``);
+at 1, the in-model mass on the target is about 0.9 (``measure_target_mass``
+reports it; docs/vit_init.md has the figures).
+
+``rcond`` (default 1e-3) cuts singular values of ``X`` below that fraction of
+the largest one: sinusoidal embeddings are numerically rank-deficient, and an
+unregularised pseudo-inverse turns that into weights of norm 1e6-1e13.
+
+``mimetic_init`` (Trockman & Kolter, ICML 2023): per head
+``Wq.T Wk ~= a1 Z1 + b1 I`` and for the layer ``Wv.T Wo.T ~= a2 Z2 - b2 I``
+(``Z`` uniform with variance 1/D; the paper's a1 = b1 = 0.7, a2 = b2 = 0.4),
+each product factored by SVD.  It needs no positions, so it also applies to
+the content branch of ``ConvAttention2d`` (queries and keys only).
+
+Both passes copy the model unless ``inplace=True`` and return it with a
+report.  Query and key biases are set to zero (they would shift every score).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tcnn_fx.tokens import (
+    AttentionSite,
+    AttentionWeights,
+    TokenGrid,
+    TokenModelError,
+    find_attention_sites,
+    find_patch_stem,
+    find_token_grid,
+    select_attention,
+)
+
+#: Default target strengths (logit scale) per target kind; see the module docstring.
+DEFAULT_STRENGTH = {"onehot": 16.0, "distance": 4.0}
+
+
+@dataclass(frozen=True)
+class LayerInit:
+    """What a pass did to one attention layer.
+
+    ``offsets`` (impulse only): each head's target offset ``(dy, dx)`` in tokens.
+    ``position_mass`` (impulse only): each head's mean attention mass on its
+    target token, over grid queries whose target is inside the grid, with the
+    positional embeddings alone as input.
+    """
+
+    name: str
+    kind: str
+    offsets: tuple[tuple[int, int], ...] = ()
+    position_mass: tuple[float, ...] = ()
+    value_output: bool = False
+
+
+@dataclass(frozen=True)
+class AttentionInitReport:
+    """The layers a pass initialised, how, and the settings used (for replay and for the docs)."""
+
+    method: str
+    layers: tuple[LayerInit, ...]
+    settings: dict = field(default_factory=dict)
+
+    def table(self) -> str:
+        lines = [f"{self.method} init of {len(self.layers)} attention layers {self.settings}"]
+        for layer in self.layers:
+            line = f"  {layer.name:<28} {layer.kind:<15}"
+            if layer.position_mass:
+                mass = sum(layer.position_mass) / len(layer.position_mass)
+                line += f" offsets {list(layer.offsets)}  target mass (positions alone) {mass:.3f}"
+            if layer.value_output:
+                line += " value/output set"
+            lines.append(line)
+        return "\n".join(lines)
+
+
+# The impulse solve
+
+
+def window_offsets(kernel_size: int) -> list[tuple[int, int]]:
+    """The offsets of a ``kernel_size`` x ``kernel_size`` window, row-major."""
+    half = kernel_size // 2
+    return [(dy, dx) for dy in range(-half, half + 1) for dx in range(-half, half + 1)]
+
+
+def _grid_points(grid_size: tuple[int, int]) -> Tensor:
+    rows, cols = torch.meshgrid(torch.arange(grid_size[0]), torch.arange(grid_size[1]), indexing="ij")
+    return torch.stack([rows.flatten(), cols.flatten()], dim=1).double()
+
+
+def target_logits(grid_size: tuple[int, int], offset: tuple[int, int], target: str, strength: float) -> Tensor:
+    """The ``(N, N)`` logit matrix whose softmax is (near) the shift matrix of ``offset``, row-centred."""
+    points = _grid_points(grid_size)
+    wanted = points + torch.tensor(offset, dtype=torch.float64)
+    if target == "distance":
+        logits = -strength * (points[None, :, :] - wanted[:, None, :]).square().sum(-1)
+    elif target == "onehot":
+        logits = strength * (points[None, :, :] == wanted[:, None, :]).all(-1).double()
+    else:
+        raise ValueError(f"target must be 'distance' or 'onehot', not {target!r}")
+    return logits - logits.mean(dim=1, keepdim=True)
+
+
+def normalised_positions(grid: TokenGrid) -> Tensor:
+    """Grid positional embeddings as a pre-norm block sees them: layer-normalised without affine, float64."""
+    positions = grid.positions.double()
+    return F.layer_norm(positions, positions.shape[-1:])
+
+
+def factor(product: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """``(left, right)``, each ``(rank, D)``, with ``left.T @ right`` the best rank-``rank`` approximation of ``product``."""
+    u, s, vh = torch.linalg.svd(product)
+    root = s[:rank].sqrt()
+    return (u[:, :rank] * root).T, vh[:rank] * root[:, None]
+
+
+def solve_impulse_head(
+    positions: Tensor, pinv: Tensor, grid_size, offset, *, target: str, strength: float, rank: int, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Query and key rows ``(rank, D)`` of one head whose attention on ``positions`` approximates ``offset``'s shift."""
+    logits = target_logits(grid_size, offset, target, strength)
+    return factor(pinv @ logits @ pinv.T / scale, rank)
+
+
+def target_mass(maps: Tensor, grid: TokenGrid, offsets: list[tuple[int, int]], *, prefix: int) -> list[float]:
+    """Per head, the mean attention mass on its target token over queries whose target is in the grid.
+
+    ``maps`` is ``(batch, heads, L, L)`` with ``prefix`` tokens before the grid.
+    """
+    masses = []
+    for head, offset in enumerate(offsets):
+        index, valid = grid.target_index(offset)
+        index = index - grid.prefix + prefix
+        queries = torch.arange(prefix, prefix + valid.numel())
+        mass = maps[:, head, queries[valid], index[valid].to(maps.device)]
+        masses.append(float(mass.mean()))
+    return masses
+
+
+def _copy(model: nn.Module, inplace: bool) -> nn.Module:
+    return model if inplace else copy.deepcopy(model)
+
+
+def _sites(model: nn.Module, policy) -> list[AttentionSite]:
+    chosen = select_attention(find_attention_sites(model), policy)
+    if not chosen:
+        raise TokenModelError(f"policy {policy!r} selects no attention layer")
+    return chosen
+
+
+def impulse_init(
+    model: nn.Module,
+    example_inputs: tuple,
+    *,
+    policy="all",
+    kernel_size: int = 3,
+    order: str = "random",
+    target: str = "onehot",
+    strength: float | None = None,
+    rcond: float = 1e-3,
+    position_scale: float | None = None,
+    seed: int = 0,
+    inplace: bool = False,
+) -> tuple[nn.Module, AttentionInitReport]:
+    """Initialise the chosen attention layers' queries and keys as impulse (shift) filters; see the module docstring.
+
+    ``order``: ``'random'`` draws each head's offset uniformly from the window
+    (independently per layer, from ``seed``), as the paper does; ``'fixed'``
+    walks the window row-major, head ``h`` taking offset ``h mod K^2``.
+    ``example_inputs`` fixes the token grid (the model's input size) and, with
+    ``position_scale``, the patch-token RMS the positional embedding is scaled to.
+    """
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd (3 or 5 in the paper), not {kernel_size}")
+    if order not in ("random", "fixed"):
+        raise ValueError(f"order must be 'random' or 'fixed', not {order!r}")
+    strength = DEFAULT_STRENGTH.get(target) if strength is None else strength
+    if strength is None or strength <= 0:
+        raise ValueError(f"target must be one of {sorted(DEFAULT_STRENGTH)} with a positive strength")
+    model = _copy(model, inplace)
+    grid = find_token_grid(model, example_inputs)
+    if kernel_size > min(grid.grid_size):
+        raise ValueError(f"kernel_size {kernel_size} is larger than the {grid.grid_size} token grid")
+    if position_scale is not None:
+        _rescale_positions(model, grid, example_inputs, position_scale)
+    sites = _sites(model, policy)
+    unusable = [s.name for s in sites if s.kind == "conv_attention"]
+    if unusable:
+        raise TokenModelError(
+            f"ConvAttention2d layers {unusable} have no positional embedding in their content branch (its keys are "
+            "pixels); their positional branch already is the impulse structure. Use mimetic_init for their content "
+            "branch, or a policy that leaves them out"
+        )
+    positions = normalised_positions(grid)
+    pinv = torch.linalg.pinv(positions, rtol=rcond)
+    window = window_offsets(kernel_size)
+    generator = torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    layers = []
+    for site in sites:
+        if order == "random":
+            picks = torch.randint(len(window), (site.num_heads,), generator=generator).tolist()
+        else:
+            picks = [h % len(window) for h in range(site.num_heads)]
+        offsets = [window[p] for p in picks]
+        heads = [
+            solve_impulse_head(
+                positions,
+                pinv,
+                grid.grid_size,
+                o,
+                target=target,
+                strength=strength,
+                rank=site.head_dim,
+                scale=site.scale,
+            )
+            for o in offsets
+        ]
+        weights = AttentionWeights(site, modules[site.name])
+        dtype = weights.query().dtype
+        weights.set_query_key(
+            torch.stack([q for q, _ in heads]).to(dtype), torch.stack([k for _, k in heads]).to(dtype)
+        )
+        with torch.no_grad():
+            maps = weights.maps(positions.to(dtype)[None])
+        mass = target_mass(maps, grid, offsets, prefix=0)
+        layers.append(LayerInit(site.name, site.kind, tuple(offsets), tuple(mass)))
+    settings = {
+        "kernel_size": kernel_size, "order": order, "target": target, "strength": strength, "rcond": rcond,
+        "seed": seed, "position_scale": position_scale, "grid": list(grid.grid_size), "prefix": grid.prefix,
+        "positions": grid.parameter,
+    }  # fmt: skip
+    return model, AttentionInitReport("impulse", tuple(layers), settings)
+
+
+@torch.no_grad()
+def _rescale_positions(model: nn.Module, grid: TokenGrid, example_inputs: tuple, position_scale: float) -> None:
+    """Scale the positional embedding in place to ``position_scale`` times the RMS of the patch tokens."""
+    if position_scale <= 0:
+        raise ValueError(f"position_scale must be positive, not {position_scale}")
+    stem = find_patch_stem(model, example_inputs)
+    patches = model.get_submodule(stem.name)(example_inputs[0])
+    table = _tensor(model, grid.parameter)
+    table.mul_(position_scale * patches.square().mean().sqrt() / table.square().mean().sqrt())
+
+
+def _tensor(model: nn.Module, name: str) -> Tensor:
+    module, _, attribute = name.rpartition(".")
+    return getattr(model.get_submodule(module), attribute)
+
+
+# Mimetic
+
+
+def _identity_plus_noise(dim: int, noise: float, identity: float, generator: torch.Generator) -> Tensor:
+    bound = (3.0 / dim) ** 0.5  # uniform with variance 1/dim
+    z = (torch.rand(dim, dim, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+    return noise * z + identity * torch.eye(dim, dtype=torch.float64)
+
+
+def mimetic_init(
+    model: nn.Module,
+    *,
+    policy="all",
+    query_key: tuple[float, float] = (0.7, 0.7),
+    value_output: tuple[float, float] = (0.4, 0.4),
+    seed: int = 0,
+    inplace: bool = False,
+) -> tuple[nn.Module, AttentionInitReport]:
+    """Mimetic initialisation: ``Wq.T Wk ~= a1 Z + b1 I`` per head, ``Wv.T Wo.T ~= a2 Z - b2 I`` per layer.
+
+    ``query_key = (a1, b1)``, ``value_output = (a2, b2)``: noise and identity
+    weights (the paper's defaults).  ``ConvAttention2d`` layers get the
+    query/key part only (their values are the convolution's taps).
+    """
+    model = _copy(model, inplace)
+    generator = torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    layers = []
+    for site in _sites(model, policy):
+        weights = AttentionWeights(site, modules[site.name])
+        dtype = weights.query().dtype
+        heads = [
+            factor(_identity_plus_noise(site.embed_dim, *query_key, generator), site.head_dim)
+            for _ in range(site.num_heads)
+        ]
+        weights.set_query_key(
+            torch.stack([q for q, _ in heads]).to(dtype), torch.stack([k for _, k in heads]).to(dtype)
+        )
+        if site.has_value:
+            noise, identity = value_output
+            inner = site.num_heads * site.head_dim
+            value, output = factor(_identity_plus_noise(site.embed_dim, noise, -identity, generator), inner)
+            weights.set_value_output(value.to(dtype), output.T.to(dtype))
+        layers.append(LayerInit(site.name, site.kind, value_output=site.has_value))
+    settings = {"query_key": list(query_key), "value_output": list(value_output), "seed": seed}
+    return model, AttentionInitReport("mimetic", tuple(layers), settings)
+
+
+# Measurement inside the model
+
+
+def measure_target_mass(model: nn.Module, report: AttentionInitReport, images: Tensor) -> dict[str, list[float]]:
+    """Per layer and head, the attention mass on the head's impulse target inside ``model`` on real ``images``.
+
+    Works on any model with the report's layer names, e.g. the same
+    architecture before impulse init (a baseline) or after training.
+    """
+    if report.method != "impulse":
+        raise ValueError(f"a {report.method} report has no target offsets to measure")
+    grid = find_token_grid(model, (images,))
+    sites = {s.name: s for s in find_attention_sites(model)}
+    modules = dict(model.named_modules())
+    inputs: dict[str, Tensor] = {}
+
+    def recorder(name: str, batch_first: bool):
+        def hook(module, args, kwargs):
+            tokens = args[0] if args else kwargs["query"] if "query" in kwargs else kwargs["x"]
+            inputs[name] = tokens if batch_first else tokens.transpose(0, 1)
+
+        return hook
+
+    handles = []
+    for layer in report.layers:
+        if layer.name not in sites:
+            raise ValueError(f"the model has no attention layer '{layer.name}'; it has {sorted(sites)}")
+        module = modules[layer.name]
+        batch_first = getattr(module, "batch_first", True)
+        handles.append(module.register_forward_pre_hook(recorder(layer.name, batch_first), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    result = {}
+    with torch.no_grad():
+        for layer in report.layers:
+            maps = AttentionWeights(sites[layer.name], modules[layer.name]).maps(inputs[layer.name])
+            result[layer.name] = target_mass(maps, grid, list(layer.offsets), prefix=grid.prefix)
+    return result

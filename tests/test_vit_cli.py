@@ -1,0 +1,37 @@
+"""``tcnn-fx finetune`` with the ViT passes: conv stem and attention init, trained, saved and reloaded."""
+
+import json
+from pathlib import Path
+
+import pytest
+from imagefolders import write_imagefolder
+
+import tcnn_fx
+from tcnn_fx.cli import main
+from tcnn_fx.layers import ConvStem
+from tcnn_fx.tokens import find_attention_sites
+
+SPEC = f"{Path(__file__).with_name('models.py')}:tiny_vit"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_imagefolder(tmp_path_factory.mktemp("data"))
+
+
+@pytest.mark.parametrize("init", ["impulse", "mimetic"])
+def test_finetune_with_vit_passes(dataset, tmp_path, capsys, init):
+    run = tmp_path / "run"
+    extra = ["--position-scale", "1"] if init == "impulse" else []
+    main(["finetune", SPEC, "--data", str(dataset), "--input-size", "16", "--num-classes", "3", "--conv-stem",
+          "--remove-block", "--attention-init", init, *extra, "--optimizer", "adamw", "--lr", "1e-3", "--epochs", "1",
+          "--batch-size", "8", "--workers", "0", "--quiet", "--in-memory", "--out", str(run)])  # fmt: skip
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "conv stem at 'patch_embed.proj'" in printed and f"{init} init of 1 attention layers" in printed
+    model = tcnn_fx.load(run / "model.pt")
+    assert isinstance(model.get_submodule("patch_embed.proj"), ConvStem)
+    assert [s.name for s in find_attention_sites(model)] == ["blocks.0.attn"]  # one block removed
+    main(["evaluate", str(run / "model.pt"), "--data", str(dataset), "--corruptions", "contrast", "--severities", "1",
+          "--json", str(tmp_path / "robust.json"), "--quiet"])  # fmt: skip
+    clean = json.loads((tmp_path / "robust.json").read_text())["clean_top1"]
+    assert clean == json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["val_top1"]
