@@ -3,20 +3,27 @@
 from tcnn_fx import export
 from tcnn_fx.capture import CaptureError, capture
 from tcnn_fx.checkpoint import load, save
-from tcnn_fx.layers import AttentionMaps, ConvAttention2d, ConvAttentionConfig, ConvGeometry
+from tcnn_fx.layers import AttentionMaps, ConvAttention2d, ConvAttentionConfig, ConvGeometry, ConvStem
+from tcnn_fx.passes.attention_init import AttentionInitReport, impulse_init, measure_target_mass, mimetic_init
+from tcnn_fx.passes.conv_stem import ConvStemReport, conv_stem
 from tcnn_fx.policy import Plan, Policy, PolicyError
 from tcnn_fx.rewrite import RewriteReport, report_of, rewrite, trace
 from tcnn_fx.sites import Site, find_sites, site_graph
+from tcnn_fx.tokens import AttentionSite, find_attention_sites, find_token_grid
 from tcnn_fx.verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionInitReport",
     "AttentionMaps",
+    "AttentionSite",
     "CaptureError",
     "ConvAttention2d",
     "ConvAttentionConfig",
     "ConvGeometry",
+    "ConvStem",
+    "ConvStemReport",
     "Plan",
     "Policy",
     "PolicyError",
@@ -25,9 +32,15 @@ __all__ = [
     "VerifyReport",
     "__version__",
     "capture",
+    "conv_stem",
     "export",
+    "find_attention_sites",
     "find_sites",
+    "find_token_grid",
+    "impulse_init",
     "load",
+    "measure_target_mass",
+    "mimetic_init",
     "report_of",
     "rewrite",
     "save",

@@ -83,10 +83,10 @@ def find_attention_sites(model: nn.Module) -> list[AttentionSite]:
 
 def _check_projections(site: AttentionSite, module: nn.Module) -> None:
     if site.kind == "timm":
-        for norm in ("q_norm", "k_norm"):
+        for norm, what in (("q_norm", "queries"), ("k_norm", "keys")):
             if not isinstance(getattr(module, norm), nn.Identity):
                 raise TokenModelError(
-                    f"attention '{site.name}' normalises its {norm[0]}ueries/keys ({type(getattr(module, norm)).__name__}); "
+                    f"attention '{site.name}' normalises its {what} ({norm}: {type(getattr(module, norm)).__name__}); "
                     "the solved query/key weights would not survive the norm: use a model without qk_norm"
                 )
     if site.kind == "mha" and not module._qkv_same_embed_dim:
@@ -265,20 +265,18 @@ class TokenGrid:
     parameter: str
     positions: Tensor
 
-    @property
-    def num_tokens(self) -> int:
-        return self.prefix + math.prod(self.grid_size)
-
     def target_index(self, offset: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """For each grid query token, the token index of the grid token at ``offset`` from it, and whether it exists."""
+        """For each grid token (row-major), the grid index of the token at ``offset`` from it, and whether it exists."""
         h, w = self.grid_size
         rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         rows, cols = rows.flatten() + offset[0], cols.flatten() + offset[1]
         valid = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
-        return self.prefix + (rows.clamp(0, h - 1) * w + cols.clamp(0, w - 1)), valid
+        return rows.clamp(0, h - 1) * w + cols.clamp(0, w - 1), valid
 
 
 _POSITION_NAMES = ("pos_embed", "pos_embedding", "position_embedding", "position_embeddings")
+#: More rows than the grid beyond this many is not a prefix (class token, registers) but another layout.
+_MAX_PREFIX_TOKENS = 16
 
 
 def find_token_grid(model: nn.Module, example_inputs: tuple) -> TokenGrid:
@@ -308,7 +306,7 @@ def find_token_grid(model: nn.Module, example_inputs: tuple) -> TokenGrid:
             f"positional embedding '{name}' has shape {tuple(table.shape)}; expected (1, tokens, {stem.embed_dim})"
         )
     prefix = table.shape[1] - tokens
-    if prefix < 0 or prefix > 16:
+    if not 0 <= prefix <= _MAX_PREFIX_TOKENS:
         raise TokenModelError(
             f"positional embedding '{name}' has {table.shape[1]} rows but the {stem.grid_size} grid of "
             f"'{stem.name}' at this input size has {tokens} tokens: the layout (prefix tokens first, then the grid "

@@ -170,9 +170,8 @@ def target_mass(maps: Tensor, grid: TokenGrid, offsets: list[tuple[int, int]], *
     masses = []
     for head, offset in enumerate(offsets):
         index, valid = grid.target_index(offset)
-        index = index - grid.prefix + prefix
-        queries = torch.arange(prefix, prefix + valid.numel())
-        mass = maps[:, head, queries[valid], index[valid].to(maps.device)]
+        queries = torch.arange(valid.numel())
+        mass = maps[:, head, prefix + queries[valid], prefix + index[valid]]
         masses.append(float(mass.mean()))
     return masses
 
