@@ -1,6 +1,7 @@
 """How well the closed-form impulse solve makes heads attend to their offsets, across ViTs, targets and scales.
 
-For each model (random weights, as built) and target, the mean over layers
+For each model (random weights, as built), target and number of refinement
+steps (0: the closed form alone), the mean over layers
 and heads of the attention mass on each head's target token: with the
 positional embeddings alone (what the solve fits), and inside the model on
 images, with the positional embedding as initialised and rescaled to the
@@ -23,6 +24,8 @@ from vit_models import vit_cifar
 from tcnn_fx.passes.attention_init import impulse_init, measure_target_mass
 from tcnn_fx.specs import build
 
+#: (target, refine_steps): the closed form alone and refined, for the default target; the distance target alone.
+VARIANTS = (("onehot", 0), ("onehot", 100), ("distance", 0))
 #: Positional embedding rescaled to these multiples of the patch tokens' RMS.
 SCALES = (1.0, 3.0)
 
@@ -54,30 +57,36 @@ def main() -> None:
     for name, (factory, images) in models.items():
         model = factory().eval()
         inputs = (images[:1],)
-        for target in ("onehot", "distance"):
-            plain, report = impulse_init(model, inputs, target=target)
+        for target, refine in VARIANTS:
+            plain, report = impulse_init(model, inputs, target=target, refine_steps=refine)
             row = {
                 "model": name,
                 "target": target,
                 "strength": report.settings["strength"],
+                "refine_steps": refine,
                 "positions_alone": _mean(layer.position_mass for layer in report.layers),
                 "default_init_in_model": _mean(measure_target_mass(model, report, images).values()),
                 "in_model": _mean(measure_target_mass(plain, report, images).values()),
             }
             for scale in SCALES:
-                scaled, scaled_report = impulse_init(model, inputs, target=target, position_scale=scale)
+                scaled, scaled_report = impulse_init(
+                    model, inputs, target=target, refine_steps=refine, position_scale=scale
+                )
                 row[f"in_model_position_scale_{scale:g}"] = _mean(
                     measure_target_mass(scaled, scaled_report, images).values()
                 )
             rows.append(row)
             print(json.dumps(row), flush=True)
     scaled = " | ".join(f"impulse + position_scale={s:g}, in model" for s in SCALES)
-    print(f"\n| model | target (strength) | positions alone | default init, in model | impulse, in model | {scaled} |")
+    print(
+        f"\n| model | target (strength), refine steps | positions alone | default init, in model | impulse, in model | {scaled} |"
+    )
     print("|---|---|---|---|---|" + "---|" * len(SCALES))
     for r in rows:
         cells = [r["positions_alone"], r["default_init_in_model"], r["in_model"]]
         cells += [r[f"in_model_position_scale_{s:g}"] for s in SCALES]
-        print(f"| {r['model']} | {r['target']} ({r['strength']:g}) | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+        solve = f"{r['target']} ({r['strength']:g}), {r['refine_steps']}"
+        print(f"| {r['model']} | {solve} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
 

@@ -239,3 +239,30 @@ def test_sites_survive_capture():
     graph_module = tcnn_fx.rewrite(model, "none", (X16,))
     assert [s.name for s in find_attention_sites(graph_module)] == ["blocks.0.attn", "blocks.1.attn"]
     torch.testing.assert_close(graph_module(X16), model(X16))
+
+
+def _deit_distilled():
+    import timm
+
+    return timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
+
+
+@pytest.mark.parametrize(
+    ("build", "prefix"),
+    [
+        (_deit_distilled, 2),  # class and distillation tokens, with positions
+        (lambda: tiny_vit(reg_tokens=4, no_embed_class=True), 5),  # class + registers, positions for the grid only
+        (lambda: tiny_vit(class_token=False, global_pool="avg"), 0),
+    ],
+)
+def test_timm_token_layouts(build, prefix):
+    """Class, distillation and register tokens (with and without positions of their own) are found and skipped."""
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(1, 3, *model.patch_embed.img_size)
+    grid = find_token_grid(model, (x,))
+    assert grid.prefix == prefix and grid.grid_size == model.patch_embed.grid_size
+    initialised, report = impulse_init(model, (x,), policy="depth<1", refine_steps=20)
+    assert len(report.layers) == 1 and _mean(report.layers) > 0.9
+    masses = measure_target_mass(initialised, report, x)
+    assert set(masses) == {"blocks.0.attn"} and all(0 <= m <= 1 for m in masses["blocks.0.attn"])
