@@ -5,7 +5,9 @@ patches) trained from random weights on a fixed 10,000-image subset of the
 shared CIFAR-10 for a fixed short budget, one recipe for every variant:
 
 * patchify stem with the default (timm) init, impulse init (positional
-  embedding rescaled to the patch tokens' RMS, and as initialised), mimetic init;
+  embedding rescaled to the patch tokens' RMS, and as initialised), mimetic
+  init, and the default init with the rescaled positions (the control for the
+  rescaling);
 * convolutional stem (last block removed, as the paper does) with the default
   and the impulse init.
 
@@ -41,6 +43,7 @@ VARIANTS = {
     "patchify-default": [],
     "patchify-impulse": [*IMPULSE, "--position-scale", "1"],
     "patchify-impulse-unscaled": IMPULSE,
+    "patchify-default-scaled": ["--position-scale", "1"],
     "patchify-mimetic": ["--attention-init", "mimetic"],
     "convstem-default": ["--conv-stem", "--remove-block"],
     "convstem-impulse": ["--conv-stem", "--remove-block", *IMPULSE, "--position-scale", "1"],

@@ -4,7 +4,13 @@ from tcnn_fx import export
 from tcnn_fx.capture import CaptureError, capture
 from tcnn_fx.checkpoint import load, save
 from tcnn_fx.layers import AttentionMaps, ConvAttention2d, ConvAttentionConfig, ConvGeometry, ConvStem
-from tcnn_fx.passes.attention_init import AttentionInitReport, impulse_init, measure_target_mass, mimetic_init
+from tcnn_fx.passes.attention_init import (
+    AttentionInitReport,
+    impulse_init,
+    measure_target_mass,
+    mimetic_init,
+    scale_positions,
+)
 from tcnn_fx.passes.conv_stem import ConvStemReport, conv_stem
 from tcnn_fx.policy import Plan, Policy, PolicyError
 from tcnn_fx.rewrite import RewriteReport, report_of, rewrite, trace
@@ -44,6 +50,7 @@ __all__ = [
     "report_of",
     "rewrite",
     "save",
+    "scale_positions",
     "site_graph",
     "trace",
     "verify",

@@ -203,7 +203,7 @@ def _training_splits(
 
 
 def _vit_passes(args, model: torch.nn.Module, inputs: tuple) -> tuple[torch.nn.Module, dict | None]:
-    """Apply ``--conv-stem`` and ``--attention-init``; returns the model and the conv stem record for the checkpoint."""
+    """Apply ``--conv-stem``, ``--position-scale`` and ``--attention-init``; returns the model and the stem record."""
     stem = None
     if args.conv_stem:
         from tcnn_fx.passes.conv_stem import conv_stem
@@ -211,12 +211,17 @@ def _vit_passes(args, model: torch.nn.Module, inputs: tuple) -> tuple[torch.nn.M
         model, report = conv_stem(model, inputs, remove_block=args.remove_block, inplace=True)
         console.print(report.table(), markup=False)
         stem = {"widths": list(report.widths), "remove_block": args.remove_block}
+    if args.position_scale is not None:
+        from tcnn_fx.passes.attention_init import scale_positions
+
+        model, factor = scale_positions(model, inputs, args.position_scale, inplace=True)
+        console.print(f"positional embedding scaled by {factor:.3g} to {args.position_scale} x the patch tokens' RMS")
     if args.attention_init != "default":
         from tcnn_fx.passes.attention_init import impulse_init, mimetic_init
 
         if args.attention_init == "impulse":
             model, report = impulse_init(model, inputs, kernel_size=args.impulse_kernel, target=args.impulse_target,
-                                         position_scale=args.position_scale, seed=args.seed, inplace=True)  # fmt: skip
+                                         seed=args.seed, inplace=True)  # fmt: skip
         else:
             model, report = mimetic_init(model, seed=args.seed, inplace=True)
         console.print(report.table(), markup=False)
@@ -237,7 +242,8 @@ def finetune_command(args) -> None:
     console.print(f"[bold]{args.model}[/]: {report_of(hybrid).summary()}")
     console.print(f"training on {len(train)} images, evaluating on {len(evaluation)}; recipe {recipe.to_dict()}")
     identity = {"spec": args.model, "weights": args.weights, "policy": args.policy, "num_classes": args.num_classes,
-                "attention_init": args.attention_init, "conv_stem": stem}  # fmt: skip
+                "attention_init": args.attention_init, "position_scale": args.position_scale,
+                "conv_stem": stem}  # fmt: skip
     result = finetune(hybrid, train, evaluation, recipe, args.out, resume=args.resume, progress=not args.quiet,
                       identity=identity)  # fmt: skip
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 writes the model
@@ -432,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     vit.add_argument("--impulse-kernel", type=int, default=3, help="impulse window K (offsets within K x K)")
     vit.add_argument("--impulse-target", choices=("onehot", "distance"), default="onehot", help="impulse logit target")
     vit.add_argument("--position-scale", type=float,
-                     help="impulse: rescale the positional embedding to this multiple of the patch tokens' RMS")  # fmt: skip
+                     help="rescale the positional embedding to this multiple of the patch tokens' RMS")  # fmt: skip
     _recipe_arguments(tune, Recipe())
     tune.set_defaults(run=finetune_command)
 

@@ -111,6 +111,19 @@ def test_positions_drowned_by_content_unless_rescaled():
     assert table.square().mean().sqrt() == pytest.approx(float(patches.square().mean().sqrt()), rel=1e-4)
 
 
+def test_scale_positions_alone():
+    torch.manual_seed(0)
+    model = tiny_vit().eval()
+    scaled, factor = tcnn_fx.scale_positions(model, (X16,), 2.0)
+    assert factor > 10  # 0.02 positions against patch tokens of RMS ~0.5
+    torch.testing.assert_close(scaled.pos_embed, model.pos_embed * factor)
+    with torch.no_grad():
+        rms = scaled.patch_embed.proj(X16).square().mean().sqrt()
+    assert float(scaled.pos_embed.detach().square().mean().sqrt()) == pytest.approx(2 * float(rms), rel=1e-5)
+    with pytest.raises(ValueError, match="positive"):
+        tcnn_fx.scale_positions(model, (X16,), 0.0)
+
+
 def test_fixed_order_walks_the_window():
     torch.manual_seed(0)
     _, report = impulse_init(tiny_vit(embed_dim=64, num_heads=4), (X16,), order="fixed", kernel_size=3)

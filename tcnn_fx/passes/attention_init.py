@@ -267,7 +267,7 @@ def impulse_init(
     if kernel_size > min(grid.grid_size):
         raise ValueError(f"kernel_size {kernel_size} is larger than the {grid.grid_size} token grid")
     if position_scale is not None:
-        _rescale_positions(model, grid, example_inputs, position_scale)
+        scale_positions(model, example_inputs, position_scale, inplace=True)
     sites = _sites(model, policy)
     unusable = [s.name for s in sites if s.kind == "conv_attention"]
     if unusable:
@@ -319,19 +319,26 @@ def impulse_init(
 
 
 @torch.no_grad()
-def _rescale_positions(model: nn.Module, grid: TokenGrid, example_inputs: tuple, position_scale: float) -> None:
-    """Scale the positional embedding in place to ``position_scale`` times the RMS of the patch tokens."""
-    if position_scale <= 0:
-        raise ValueError(f"position_scale must be positive, not {position_scale}")
+def scale_positions(
+    model: nn.Module, example_inputs: tuple, scale: float, *, inplace: bool = False
+) -> tuple[nn.Module, float]:
+    """Rescale the positional embedding (all rows) to ``scale`` times the RMS of the patch tokens.
+
+    The patch tokens are the stem's output on ``example_inputs``.  Returns the
+    model and the factor applied.  On its own it is the control for
+    ``impulse_init(position_scale=...)``: the same positions, without the solve.
+    """
+    if scale <= 0:
+        raise ValueError(f"position scale must be positive, not {scale}")
+    model = _copy(model, inplace)
+    grid = find_token_grid(model, example_inputs)
     stem = find_patch_stem(model, example_inputs)
     patches = model.get_submodule(stem.name)(example_inputs[0])
-    table = _tensor(model, grid.parameter)
-    table.mul_(position_scale * patches.square().mean().sqrt() / table.square().mean().sqrt())
-
-
-def _tensor(model: nn.Module, name: str) -> Tensor:
-    module, _, attribute = name.rpartition(".")
-    return getattr(model.get_submodule(module), attribute)
+    owner, _, attribute = grid.parameter.rpartition(".")
+    table = getattr(model.get_submodule(owner), attribute)
+    factor = float(scale * patches.square().mean().sqrt() / table.square().mean().sqrt())
+    table.mul_(factor)
+    return model, factor
 
 
 # Mimetic
