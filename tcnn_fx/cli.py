@@ -204,6 +204,12 @@ def _training_splits(
 
 def _vit_passes(args, model: torch.nn.Module, inputs: tuple) -> tuple[torch.nn.Module, dict | None]:
     """Apply ``--conv-stem``, ``--position-scale`` and ``--attention-init``; returns the model and the stem record."""
+    if args.remove_block and not args.conv_stem:
+        raise ValueError("--remove-block goes with --conv-stem (it keeps the stem's FLOPs matched)")
+    impulse_options = {"--impulse-kernel": args.impulse_kernel, "--impulse-target": args.impulse_target}
+    stray = [flag for flag, value in impulse_options.items() if value is not None]
+    if stray and args.attention_init != "impulse":
+        raise ValueError(f"{', '.join(stray)} need --attention-init impulse (it is {args.attention_init})")
     stem = None
     if args.conv_stem:
         from tcnn_fx.passes.conv_stem import conv_stem
@@ -220,8 +226,8 @@ def _vit_passes(args, model: torch.nn.Module, inputs: tuple) -> tuple[torch.nn.M
         from tcnn_fx.passes.attention_init import impulse_init, mimetic_init
 
         if args.attention_init == "impulse":
-            model, report = impulse_init(model, inputs, kernel_size=args.impulse_kernel, target=args.impulse_target,
-                                         seed=args.seed, inplace=True)  # fmt: skip
+            model, report = impulse_init(model, inputs, kernel_size=args.impulse_kernel or 3,
+                                         target=args.impulse_target or "onehot", seed=args.seed, inplace=True)  # fmt: skip
         else:
             model, report = mimetic_init(model, seed=args.seed, inplace=True)
         console.print(report.table(), markup=False)
@@ -435,8 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     vit.add_argument("--remove-block", action="store_true", help="with --conv-stem: drop the last transformer block")
     vit.add_argument("--attention-init", choices=("default", "impulse", "mimetic"), default="default",
                      help="initialise the attention layers' queries/keys (and values for mimetic)")  # fmt: skip
-    vit.add_argument("--impulse-kernel", type=int, default=3, help="impulse window K (offsets within K x K)")
-    vit.add_argument("--impulse-target", choices=("onehot", "distance"), default="onehot", help="impulse logit target")
+    vit.add_argument("--impulse-kernel", type=int, help="impulse window K, offsets within K x K (default 3)")
+    vit.add_argument("--impulse-target", choices=("onehot", "distance"), help="impulse logit target (default onehot)")
     vit.add_argument("--position-scale", type=float,
                      help="rescale the positional embedding to this multiple of the patch tokens' RMS")  # fmt: skip
     _recipe_arguments(tune, Recipe())

@@ -82,6 +82,7 @@ def find_attention_sites(model: nn.Module) -> list[AttentionSite]:
 
 
 def _check_projections(site: AttentionSite, module: nn.Module) -> None:
+    """Refuse layers whose scores or products the passes would get wrong, naming what is in the way."""
     if site.kind == "timm":
         for norm, what in (("q_norm", "queries"), ("k_norm", "keys")):
             if not isinstance(getattr(module, norm), nn.Identity):
@@ -89,18 +90,35 @@ def _check_projections(site: AttentionSite, module: nn.Module) -> None:
                     f"attention '{site.name}' normalises its {what} ({norm}: {type(getattr(module, norm)).__name__}); "
                     "the solved query/key weights would not survive the norm: use a model without qk_norm"
                 )
-    if site.kind == "mha" and not module._qkv_same_embed_dim:
-        raise TokenModelError(
-            f"nn.MultiheadAttention '{site.name}' has separate kdim/vdim; only self-attention with one packed "
-            "in_proj_weight is supported"
-        )
+    if site.kind == "mha":
+        if not module._qkv_same_embed_dim:
+            raise TokenModelError(
+                f"nn.MultiheadAttention '{site.name}' has separate kdim/vdim; only self-attention with one packed "
+                "in_proj_weight is supported"
+            )
+        if module.bias_k is not None or module.add_zero_attn:
+            raise TokenModelError(
+                f"nn.MultiheadAttention '{site.name}' adds key/value biases or a zero key (add_bias_kv, "
+                "add_zero_attn): extra keys the passes do not model; use a layer without them"
+            )
+
+
+def _value_output_mismatch(site: AttentionSite, module: nn.Module) -> str | None:
+    """Why the value/output product of a timm layer is not ``Wv^T Wo^T`` over ``embed_dim``, if it is not."""
+    if site.kind != "timm":
+        return None
+    if not isinstance(module.norm, nn.Identity):
+        return f"it normalises the attention output before the projection (scale_norm: {type(module.norm).__name__})"
+    if module.proj.out_features != site.embed_dim:
+        return f"its output width {module.proj.out_features} differs from its input width {site.embed_dim} (dim_out)"
+    return None
 
 
 class AttentionWeights:
-    """Per-head query/key and whole-layer value/output weights of one attention layer, read and written in place.
+    """Per-head query/key and whole-layer value/output weights of one attention layer, written in place.
 
-    Shapes: ``query``/``key`` ``(heads, head_dim, embed_dim)`` (rows of the
-    linear maps), ``value`` ``(heads * head_dim, embed_dim)``, ``output``
+    Shapes: query and key ``(heads, head_dim, embed_dim)`` (rows of the linear
+    maps), value ``(heads * head_dim, embed_dim)``, output
     ``(embed_dim, heads * head_dim)``: a token ``x`` scores ``(Wq x) . (Wk x) * scale``.
     """
 
@@ -119,11 +137,9 @@ class AttentionWeights:
             return (self.module.query_weight, self.module.key_weight)[which]
         return self._packed()[0][which * width : (which + 1) * width]
 
-    def query(self) -> Tensor:
-        return self._rows(0).detach().reshape(self.site.num_heads, self.site.head_dim, -1)
-
-    def key(self) -> Tensor:
-        return self._rows(1).detach().reshape(self.site.num_heads, self.site.head_dim, -1)
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._rows(0).dtype
 
     @torch.no_grad()
     def set_query_key(self, query: Tensor, key: Tensor) -> None:
@@ -141,6 +157,9 @@ class AttentionWeights:
         """Write the value ``(inner, embed)`` and output ``(embed, inner)`` projection weights."""
         if not self.site.has_value:
             raise TokenModelError(f"'{self.site.name}' ({self.site.kind}) has no value/output projection to set")
+        mismatch = _value_output_mismatch(self.site, self.module)
+        if mismatch:
+            raise TokenModelError(f"cannot set the value/output product of '{self.site.name}': {mismatch}")
         self._rows(2).copy_(value)
         projection = self.module.proj if self.site.kind == "timm" else self.module.out_proj
         projection.weight.copy_(output)
@@ -153,9 +172,7 @@ class AttentionWeights:
             raise TokenModelError("ConvAttention2d maps come from its own attention() method")
         weight, bias = self._packed()
         qk = F.linear(tokens, weight[: 2 * width], None if bias is None else bias[: 2 * width])
-        q, k = qk.reshape(*tokens.shape[:2], 2, heads, dim).permute(2, 0, 3, 1, 4)
-        if self.site.kind == "timm":
-            q, k = self.module.q_norm(q), self.module.k_norm(k)
+        q, k = qk.reshape(*tokens.shape[:2], 2, heads, dim).permute(2, 0, 3, 1, 4)  # q/k norms are refused
         return torch.softmax(q @ k.transpose(-2, -1) * self.site.scale, dim=-1)
 
 
@@ -251,50 +268,61 @@ def find_patch_stem(model: nn.Module, example_inputs: tuple) -> PatchStem:
     )
 
 
+def grid_points(grid_size: tuple[int, int]) -> Tensor:
+    """``(rows * cols, 2)`` integer (row, column) coordinates of a grid, row-major."""
+    rows, cols = torch.meshgrid(torch.arange(grid_size[0]), torch.arange(grid_size[1]), indexing="ij")
+    return torch.stack([rows.flatten(), cols.flatten()], dim=1)
+
+
 @dataclass(frozen=True)
 class TokenGrid:
-    """How tokens are laid out: ``prefix`` tokens (class, registers) first, then the grid row-major.
+    """How tokens are laid out: ``prefix`` tokens (class, distillation, registers) first, then the grid row-major.
 
     ``positions`` holds the positional embedding of every grid token
-    ``(grid_h * grid_w, embed_dim)`` (a detached copy); ``parameter`` names
-    where it came from.
+    ``(grid_h * grid_w, embed_dim)``, ``prefix_tokens`` what each prefix token
+    is before the first block ``(prefix, embed_dim)``: its learned vector plus
+    its position where it has one (detached copies); ``parameter`` names the
+    positional embedding.
     """
 
     grid_size: tuple[int, int]
     prefix: int
     parameter: str
     positions: Tensor
+    prefix_tokens: Tensor
 
     def target_index(self, offset: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """For each grid token (row-major), the grid index of the token at ``offset`` from it, and whether it exists."""
-        h, w = self.grid_size
-        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-        rows, cols = rows.flatten() + offset[0], cols.flatten() + offset[1]
-        valid = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
-        return rows.clamp(0, h - 1) * w + cols.clamp(0, w - 1), valid
+        (h, w), target = self.grid_size, grid_points(self.grid_size) + torch.tensor(offset)
+        valid = (target[:, 0] >= 0) & (target[:, 0] < h) & (target[:, 1] >= 0) & (target[:, 1] < w)
+        return target[:, 0].clamp(0, h - 1) * w + target[:, 1].clamp(0, w - 1), valid
 
 
 _POSITION_NAMES = ("pos_embed", "pos_embedding", "position_embedding", "position_embeddings")
-#: More rows than the grid beyond this many is not a prefix (class token, registers) but another layout.
-_MAX_PREFIX_TOKENS = 16
+#: Learned prefix tokens, in the order timm and torchvision put them in front of the grid.
+_PREFIX_NAMES = ("cls_token", "class_token", "dist_token", "reg_token")
+
+
+def _named_tensors(model: nn.Module, names: tuple[str, ...]) -> list[tuple[str, Tensor]]:
+    found = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if n.rsplit(".", 1)[-1] in names]
+    return sorted(found, key=lambda item: names.index(item[0].rsplit(".", 1)[-1]))
 
 
 def find_token_grid(model: nn.Module, example_inputs: tuple) -> TokenGrid:
-    """The model's token grid and the positional embedding of each grid token.
+    """The model's token grid, the positional embedding of each grid token and the prefix tokens.
 
     The embedding is the learned ``(1, L, D)`` parameter (or buffer) whose name
-    ends with one of ``pos_embed``, ``pos_embedding``, ``position_embedding(s)``.
-    ``L`` must be the grid size, or the grid size plus prefix tokens placed first
-    (a class token, registers) as timm and torchvision lay them out; anything
-    else is an error, since the solve would pair the wrong positions.
+    ends with one of ``pos_embed``, ``pos_embedding``, ``position_embedding(s)``;
+    prefix tokens are the ``(1, n, D)`` parameters named ``cls_token``,
+    ``class_token``, ``dist_token``, ``reg_token``.  ``L`` must be the grid
+    size (prefix tokens without positions, timm's ``no_embed_class``) or the
+    grid size plus the prefix tokens placed first, as timm and torchvision lay
+    them out; anything else is an error, since the solve would pair the wrong
+    positions.
     """
     stem = find_patch_stem(model, example_inputs)
     tokens = math.prod(stem.grid_size)
-    found = [
-        (name, t)
-        for name, t in [*model.named_parameters(), *model.named_buffers()]
-        if name.rsplit(".", 1)[-1] in _POSITION_NAMES
-    ]
+    found = _named_tensors(model, _POSITION_NAMES)
     if not found:
         raise TokenModelError(
             f"no positional embedding (a parameter named one of {_POSITION_NAMES}): the impulse solve needs "
@@ -305,15 +333,17 @@ def find_token_grid(model: nn.Module, example_inputs: tuple) -> TokenGrid:
         raise TokenModelError(
             f"positional embedding '{name}' has shape {tuple(table.shape)}; expected (1, tokens, {stem.embed_dim})"
         )
-    prefix = table.shape[1] - tokens
-    if not 0 <= prefix <= _MAX_PREFIX_TOKENS:
+    learned = [t.detach()[0] for _, t in _named_tensors(model, _PREFIX_NAMES) if t.dim() == 3 and t.shape[0] == 1]
+    prefix_tokens = torch.cat(learned) if learned else table.new_zeros(0, stem.embed_dim)
+    with_positions = table.shape[1] - tokens
+    if with_positions not in (0, len(prefix_tokens)):
         raise TokenModelError(
-            f"positional embedding '{name}' has {table.shape[1]} rows but the {stem.grid_size} grid of "
-            f"'{stem.name}' at this input size has {tokens} tokens: the layout (prefix tokens first, then the grid "
-            "row-major) does not fit; pass example inputs of the size the model was built for"
+            f"positional embedding '{name}' has {table.shape[1]} rows, but the {stem.grid_size} grid of "
+            f"'{stem.name}' at this input size has {tokens} tokens and the model has {len(prefix_tokens)} prefix "
+            f"tokens ({', '.join(_PREFIX_NAMES)}): the layout (prefix tokens first, then the grid row-major) does not "
+            "fit; pass example inputs of the size the model was built for"
         )
-    prefix_tokens = getattr(model, "num_prefix_tokens", prefix)
-    if table.shape[1] == tokens and prefix_tokens:
-        prefix = prefix_tokens  # timm's no_embed_class: prefix tokens carry no position but are in the sequence
-    positions = table.detach()[0, table.shape[1] - tokens :].clone()
-    return TokenGrid(stem.grid_size, prefix, name, positions)
+    if with_positions:
+        prefix_tokens = prefix_tokens + table.detach()[0, :with_positions]
+    positions = table.detach()[0, with_positions:].clone()
+    return TokenGrid(stem.grid_size, len(prefix_tokens), name, positions, prefix_tokens.clone())

@@ -186,6 +186,28 @@ def test_policy_selects_layers():
         impulse_init(model, (X16,), policy=["blocks.7.attn"])
     with pytest.raises(PolicyError, match="unknown attention policy"):
         impulse_init(model, (X16,), policy="stage4")
+    with pytest.raises(TokenModelError, match=r"layers are \['blocks.0.attn \(depth 0\)'"):
+        impulse_init(model, (X16,), policy="depth>5")
+    assert impulse_init(model, (X16,), policy="none")[1].layers == ()
+
+
+@pytest.mark.parametrize("build", [lambda: tiny_vit(embed_dim=48, num_heads=1), lambda: SequenceFirstViT(width=48)])
+def test_mimetic_query_key_product_one_head(build):
+    """With one head the rank is the full width, so Wq^T Wk is exactly a1 Z + b1 I: check its statistics."""
+    torch.manual_seed(0)
+    model = build()
+    site = find_attention_sites(model)[0]
+    if site.num_heads != 1:
+        model = SequenceFirstViT(width=48)
+        model.attentions = nn.ModuleList([nn.MultiheadAttention(48, 1) for _ in range(2)])
+        site = find_attention_sites(model)[0]
+    initialised, _ = mimetic_init(model, seed=0)
+    module = initialised.get_submodule(site.name)
+    packed = module.qkv.weight if site.kind == "timm" else module.in_proj_weight
+    product = packed[:48].T @ packed[48:96]
+    assert torch.diagonal(product).mean().item() == pytest.approx(0.7, abs=0.03)
+    off = product - torch.diag(torch.diagonal(product))
+    assert off.std().item() == pytest.approx(0.7 / 48**0.5, rel=0.15)
 
 
 def test_mimetic_products():
@@ -243,6 +265,12 @@ def test_bad_input():
         impulse_init(tiny_vit(qk_norm=True), (X16,))
     with pytest.raises(ValueError, match="target"):
         impulse_init(model, (X16,), target="gaussian")
+    with pytest.raises(TokenModelError, match="scale_norm"):
+        mimetic_init(tiny_vit(scale_attn_norm=True))
+    bias_kv = SequenceFirstViT()
+    bias_kv.attentions[0] = nn.MultiheadAttention(24, 3, add_bias_kv=True)
+    with pytest.raises(TokenModelError, match="add_bias_kv"):
+        mimetic_init(bias_kv)
 
 
 def test_sites_survive_capture():
@@ -277,5 +305,17 @@ def test_timm_token_layouts(build, prefix):
     assert grid.prefix == prefix and grid.grid_size == model.patch_embed.grid_size
     initialised, report = impulse_init(model, (x,), policy="depth<1", refine_steps=20)
     assert len(report.layers) == 1 and _mean(report.layers) > 0.9
+    # the reported mass is over the whole sequence, prefix tokens included as keys
+    site = find_attention_sites(initialised)[0]
+    tokens = torch.cat([grid.prefix_tokens, grid.positions])
+    maps = AttentionWeights(site, initialised.get_submodule(site.name)).maps(
+        F.layer_norm(tokens, (site.embed_dim,))[None]
+    )
+    index, valid = grid.target_index(report.layers[0].offsets[0])
+    direct = maps[0, 0, prefix + torch.arange(len(valid))[valid], prefix + index[valid]].mean().item()
+    assert direct == pytest.approx(report.layers[0].position_mass[0], abs=1e-5)
+    # in the model, before and after capture (which drops Python attributes such as num_prefix_tokens)
     masses = measure_target_mass(initialised, report, x)
-    assert set(masses) == {"blocks.0.attn"} and all(0 <= m <= 1 for m in masses["blocks.0.attn"])
+    captured = tcnn_fx.rewrite(initialised, "none", (x,))
+    assert masses["blocks.0.attn"] == pytest.approx(measure_target_mass(captured, report, x)["blocks.0.attn"], abs=1e-5)
+    assert set(masses) == {"blocks.0.attn"}

@@ -56,6 +56,10 @@ def test_torchvision_vit_paper_preset():
     assert report.removed_block == "encoder.layers.1" and len(converted.encoder.layers) == 1
     assert converted(x).shape == (1, 5)
     assert find_patch_stem(converted, (x,)).kind == "conv_stem"
+    # attention counted (MHA's fused eval path is invisible to the counter): the train-mode count is the same
+    with torch.no_grad():
+        train_mode = tcnn_fx.timing.count_flops(lambda: model.train()(x))
+    assert report.flops_before == train_mode and not converted.training
 
 
 def test_checkpoint_replays_the_stem(tmp_path):

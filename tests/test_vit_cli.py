@@ -35,3 +35,29 @@ def test_finetune_with_vit_passes(dataset, tmp_path, capsys, init):
           "--json", str(tmp_path / "robust.json"), "--quiet"])  # fmt: skip
     clean = json.loads((tmp_path / "robust.json").read_text())["clean_top1"]
     assert clean == json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["val_top1"]
+
+
+def test_flags_that_need_another_flag(dataset, tmp_path, capsys):
+    common = [
+        "finetune",
+        SPEC,
+        "--data",
+        str(dataset),
+        "--input-size",
+        "16",
+        "--num-classes",
+        "3",
+        "--out",
+        str(tmp_path),
+    ]
+    for extra, message in (
+        (["--remove-block"], "--remove-block goes with --conv-stem"),
+        (["--impulse-kernel", "5"], "--impulse-kernel need --attention-init impulse"),
+        (
+            ["--attention-init", "mimetic", "--impulse-target", "distance"],
+            "--impulse-target need --attention-init impulse",
+        ),
+    ):
+        with pytest.raises(SystemExit):
+            main([*common, *extra])
+        assert message in " ".join(capsys.readouterr().out.split())

@@ -1,56 +1,39 @@
 """Structured initialisation of a Vision Transformer's attention: impulse (convolutional) and mimetic.
 
 ``impulse_init`` (Zheng, Li & Lucey, arXiv 2404.01139): every head gets an
-offset inside a K x K window, and its query/key weights are solved in closed
-form so that, on the model's positional embeddings, the head's attention is
-that offset's shift matrix (a one-hot "impulse" convolution filter)::
+offset inside a K x K window, and its query/key weights are solved so that,
+on the model's positional embeddings, the head's attention is that offset's
+shift matrix (a one-hot "impulse" convolution filter).  First in closed form::
 
     X     = layer_norm(positional embeddings of the grid tokens)     (N, D)
     L_h   = target logits of head h                                   (N, N)
     A_h   = pinv(X) @ L_h @ pinv(X).T / scale                         (D, D)
     A_h  ~= Wq_h.T @ Wk_h    (rank head_dim: truncated SVD, sqrt(S) to each side)
 
-so that ``X Wq_h.T (X Wk_h.T).T * scale ~= L_h``.  ``X`` is what a pre-norm
-block's attention sees of a token that is its position only.  Two target
-logit matrices are offered:
+so that ``X Wq_h.T (X Wk_h.T).T * scale ~= L_h``; ``X`` is what a pre-norm
+block's attention sees of a token that is its position only.  Then refined:
+the closed form fits logits linearly, which a rank-``head_dim`` product
+cannot do for a full-rank shift once the grid has more tokens than
+``head_dim``; the softmax only needs the target to win, so ``refine_steps``
+Adam steps (default 100) minimise the cross-entropy of each head's target
+token, with the prefix tokens (class, registers) among the keys.  The paper
+fits by gradient descent from random weights (10,000 steps); from the closed
+form, 100 steps suffice.
 
-* ``'onehot'`` (default): ``L[i, j] = strength`` on the target token, 0
-  elsewhere: the paper's shift matrix itself, default strength 16.  Full rank,
-  so the rank-``head_dim`` truncation blurs it, but with learned (random)
-  positional embeddings, as timm and torchvision initialise them, the heads
-  still put 0.99-1.00 of their mass on the target, and the small weights this
-  needs leave the map robust to the patch content added to the positions.
-* ``'distance'``: ``L[i, j] = -strength * ||p_j - (p_i + offset)||^2``,
-  row-centred.  It has rank <= 4, so the SVD truncation loses nothing and the
-  only approximation is the pseudo-inverse's (the positional embeddings must
-  span the quadratic); softmax turns it into a peak on the target token that
-  holds ``1 / (1 + 4 exp(-strength) + ...)`` of the mass in the interior (0.93
-  at the default strength 4).  At the border a head whose target is outside
-  the grid attends to the nearest grid tokens.  The choice for smooth
-  (sinusoidal) embeddings, where ``'onehot'`` cannot be expressed; its large
-  weights make it sensitive to the content mixed into the tokens.
+Targets: ``'onehot'`` (default, the paper's shift matrix: logit ``strength``
+= 16 on the target, 0 elsewhere; small weights) and ``'distance'``
+(``-strength * ||p_j - (p_i + offset)||^2`` with strength 4: rank <= 4, so the
+truncation loses nothing, for smooth sinusoidal embeddings where one-hot
+logits cannot be expressed; large weights).  ``rcond`` (1e-3) cuts small
+singular values of ``X``: sinusoidal tables are numerically rank-deficient,
+and an unregularised pseudo-inverse gives weights of norm 1e6-1e13.
 
-Inside the model a token is ``patch content + position``, and timm and
-torchvision initialise positions with standard deviation 0.02 against patch
-tokens of RMS about 0.6: the positions are drowned and the solved heads
-attend almost uniformly.  ``position_scale`` rescales the positional embedding
-to that multiple of the patch tokens' RMS (measured on ``example_inputs``);
-at 1, the in-model mass on the target is about 0.9 (``measure_target_mass``
-reports it; docs/vit_init.md has the figures).
-
-The closed form fits logits linearly, and a rank-``head_dim`` product cannot
-reproduce a full-rank shift's logits when the grid has more tokens than
-``head_dim`` (0.57 of the mass on target on a 14x14 grid with head_dim 64).
-The softmax only needs the target to win, so by default 100 Adam steps refine
-the closed form on the cross-entropy of the target token (the paper fits
-with gradient descent from random weights, 10,000 steps; starting from the
-closed form, 50 reach 0.9998 on that grid, and 100 reach 0.9999 with
-head_dim 8 on an 8x8 grid, where the closed form gives 0.14).
-``refine_steps=0`` keeps the closed form alone.
-
-``rcond`` (default 1e-3) cuts singular values of ``X`` below that fraction of
-the largest one: sinusoidal embeddings are numerically rank-deficient, and an
-unregularised pseudo-inverse turns that into weights of norm 1e6-1e13.
+Inside the model a token is patch content plus position, and timm and
+torchvision draw positions with standard deviation 0.02 against patch tokens
+of RMS about 0.6: the content drowns the positions.  ``scale_positions`` (or
+``position_scale=``) rescales the positional embedding to a multiple of the
+patch tokens' RMS; ``measure_target_mass`` measures how convolutional the
+heads are inside the model on real images.  docs/vit.md has the figures.
 
 ``mimetic_init`` (Trockman & Kolter, ICML 2023): per head
 ``Wq.T Wk ~= a1 Z1 + b1 I`` and for the layer ``Wv.T Wo.T ~= a2 Z2 - b2 I``
@@ -79,6 +62,7 @@ from tcnn_fx.tokens import (
     find_attention_sites,
     find_patch_stem,
     find_token_grid,
+    grid_points,
     select_attention,
 )
 
@@ -133,14 +117,9 @@ def window_offsets(kernel_size: int) -> list[tuple[int, int]]:
     return [(dy, dx) for dy in range(-half, half + 1) for dx in range(-half, half + 1)]
 
 
-def _grid_points(grid_size: tuple[int, int]) -> Tensor:
-    rows, cols = torch.meshgrid(torch.arange(grid_size[0]), torch.arange(grid_size[1]), indexing="ij")
-    return torch.stack([rows.flatten(), cols.flatten()], dim=1).double()
-
-
 def target_logits(grid_size: tuple[int, int], offset: tuple[int, int], target: str, strength: float) -> Tensor:
     """The ``(N, N)`` logit matrix whose softmax is (near) the shift matrix of ``offset``, row-centred."""
-    points = _grid_points(grid_size)
+    points = grid_points(grid_size).double()
     wanted = points + torch.tensor(offset, dtype=torch.float64)
     if target == "distance":
         logits = -strength * (points[None, :, :] - wanted[:, None, :]).square().sum(-1)
@@ -151,13 +130,17 @@ def target_logits(grid_size: tuple[int, int], offset: tuple[int, int], target: s
     return logits - logits.mean(dim=1, keepdim=True)
 
 
-def normalised_positions(grid: TokenGrid) -> Tensor:
-    """Grid positional embeddings as a pre-norm block sees them: layer-normalised without affine, float64."""
-    positions = grid.positions.double()
-    return F.layer_norm(positions, positions.shape[-1:])
+def normalised_tokens(grid: TokenGrid) -> Tensor:
+    """Prefix tokens, then grid positions, as a pre-norm block sees them: layer-normalised without affine, float64.
+
+    The grid rows are what the solve fits; the prefix rows (a class token is a
+    key for every query) take part in the refinement and the reported mass.
+    """
+    tokens = torch.cat([grid.prefix_tokens, grid.positions]).double()
+    return F.layer_norm(tokens, tokens.shape[-1:])
 
 
-def factor(product: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+def low_rank_factors(product: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """``(left, right)``, each ``(rank, D)``, with ``left.T @ right`` the best rank-``rank`` approximation of ``product``."""
     u, s, vh = torch.linalg.svd(product)
     root = s[:rank].sqrt()
@@ -165,35 +148,38 @@ def factor(product: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 
 
 def solve_impulse_head(
-    positions: Tensor, pinv: Tensor, grid_size, offset, *, target: str, strength: float, rank: int, scale: float
+    pinv: Tensor, grid_size, offset, *, target: str, strength: float, rank: int, scale: float
 ) -> tuple[Tensor, Tensor]:
-    """Query and key rows ``(rank, D)`` of one head whose attention on ``positions`` approximates ``offset``'s shift."""
+    """Query and key rows ``(rank, D)`` of one head whose attention on the positions (``pinv`` is their
+    pseudo-inverse) approximates ``offset``'s shift."""
     logits = target_logits(grid_size, offset, target, strength)
-    return factor(pinv @ logits @ pinv.T / scale, rank)
+    return low_rank_factors(pinv @ logits @ pinv.T / scale, rank)
 
 
 def refine_heads(
-    positions: Tensor, grid: TokenGrid, offsets, query: Tensor, key: Tensor, scale: float, *, steps: int, lr: float
+    tokens: Tensor, grid: TokenGrid, offsets, query: Tensor, key: Tensor, scale: float, *, steps: int, lr: float
 ) -> tuple[Tensor, Tensor]:
     """Per-head query and key rows ``(heads, rank, D)`` after ``steps`` Adam steps from the closed form.
 
     The loss is the paper's gradient fit made a classification: the
-    cross-entropy of each head's target token, over queries whose target is in
-    the grid, on the positions alone.  The closed form fits *logits* linearly,
-    which a rank-``head_dim`` product cannot do for a full-rank shift; the
-    softmax only needs the target to win, which it can.
+    cross-entropy of each head's target token, for grid queries whose target
+    is in the grid, over every key including the prefix tokens
+    (``normalised_tokens``).  The closed form fits *logits* linearly, which a
+    rank-``head_dim`` product cannot do for a full-rank shift; the softmax
+    only needs the target to win, which it can.
     """
     if steps == 0:
         return query, key
     index, valid = (torch.stack(parts) for parts in zip(*(grid.target_index(o) for o in offsets), strict=True))
-    tokens = positions.float()
+    keys = tokens.float()
+    queries = keys[grid.prefix :]
     q, k = (t.detach().float().clone().requires_grad_() for t in (query, key))
     size = torch.cat([q.detach().flatten(), k.detach().flatten()]).square().mean().sqrt()
     optimizer = torch.optim.Adam([q, k], lr=lr * float(size))  # Adam's steps are absolute: relative to the weights
     with torch.enable_grad():
         for _ in range(steps):
-            logits = (tokens @ q.mT) @ (tokens @ k.mT).mT * scale
-            picked = logits.log_softmax(-1).gather(2, index[..., None]).squeeze(2)
+            logits = (queries @ q.mT) @ (keys @ k.mT).mT * scale
+            picked = logits.log_softmax(-1).gather(2, grid.prefix + index[..., None]).squeeze(2)
             loss = -picked[valid].mean()
             optimizer.zero_grad()
             loss.backward()
@@ -201,16 +187,21 @@ def refine_heads(
     return q.detach().double(), k.detach().double()
 
 
-def target_mass(maps: Tensor, grid: TokenGrid, offsets: list[tuple[int, int]], *, prefix: int) -> list[float]:
-    """Per head, the mean attention mass on its target token over queries whose target is in the grid.
+def target_mass(maps: Tensor, grid: TokenGrid, offsets: list[tuple[int, int]]) -> list[float]:
+    """Per head, the mean attention mass on its target token over grid queries whose target is in the grid.
 
-    ``maps`` is ``(batch, heads, L, L)`` with ``prefix`` tokens before the grid.
+    ``maps`` is ``(batch, heads, L, L)`` over the whole sequence, ``grid.prefix`` tokens first.
     """
+    if maps.shape[-1] != grid.prefix + len(grid.positions):
+        raise ValueError(
+            f"attention over {maps.shape[-1]} tokens, but the grid {grid.grid_size} with {grid.prefix} prefix tokens "
+            f"makes {grid.prefix + len(grid.positions)}: the images are not of the size the model was initialised for"
+        )
     masses = []
     for head, offset in enumerate(offsets):
         index, valid = grid.target_index(offset)
         queries = torch.arange(valid.numel())
-        mass = maps[:, head, prefix + queries[valid], prefix + index[valid]]
+        mass = maps[:, head, grid.prefix + queries[valid], grid.prefix + index[valid]]
         masses.append(float(mass.mean()))
     return masses
 
@@ -220,9 +211,11 @@ def _copy(model: nn.Module, inplace: bool) -> nn.Module:
 
 
 def _sites(model: nn.Module, policy) -> list[AttentionSite]:
-    chosen = select_attention(find_attention_sites(model), policy)
-    if not chosen:
-        raise TokenModelError(f"policy {policy!r} selects no attention layer")
+    sites = find_attention_sites(model)
+    chosen = select_attention(sites, policy)
+    if not chosen and policy != "none":  # "none" asks for nothing
+        layers = [f"{s.name} (depth {s.index})" for s in sites]
+        raise TokenModelError(f"policy {policy!r} selects no attention layer; the layers are {layers}")
     return chosen
 
 
@@ -263,11 +256,11 @@ def impulse_init(
     if refine_steps < 0 or refine_lr <= 0:
         raise ValueError(f"refine_steps must be >= 0 and refine_lr > 0, not {refine_steps} and {refine_lr}")
     model = _copy(model, inplace)
+    if position_scale is not None:
+        scale_positions(model, example_inputs, position_scale, inplace=True)
     grid = find_token_grid(model, example_inputs)
     if kernel_size > min(grid.grid_size):
         raise ValueError(f"kernel_size {kernel_size} is larger than the {grid.grid_size} token grid")
-    if position_scale is not None:
-        scale_positions(model, example_inputs, position_scale, inplace=True)
     sites = _sites(model, policy)
     unusable = [s.name for s in sites if s.kind == "conv_attention"]
     if unusable:
@@ -276,8 +269,8 @@ def impulse_init(
             "pixels); their positional branch already is the impulse structure. Use mimetic_init for their content "
             "branch, or a policy that leaves them out"
         )
-    positions = normalised_positions(grid)
-    pinv = torch.linalg.pinv(positions, rtol=rcond)
+    tokens = normalised_tokens(grid)
+    pinv = torch.linalg.pinv(tokens[grid.prefix :], rtol=rcond)
     window = window_offsets(kernel_size)
     generator = torch.Generator().manual_seed(seed)
     modules = dict(model.named_modules())
@@ -290,7 +283,6 @@ def impulse_init(
         offsets = [window[p] for p in picks]
         heads = [
             solve_impulse_head(
-                positions,
                 pinv,
                 grid.grid_size,
                 o,
@@ -302,13 +294,12 @@ def impulse_init(
             for o in offsets
         ]
         query, key = torch.stack([q for q, _ in heads]), torch.stack([k for _, k in heads])
-        query, key = refine_heads(positions, grid, offsets, query, key, site.scale, steps=refine_steps, lr=refine_lr)
+        query, key = refine_heads(tokens, grid, offsets, query, key, site.scale, steps=refine_steps, lr=refine_lr)
         weights = AttentionWeights(site, modules[site.name])
-        dtype = weights.query().dtype
-        weights.set_query_key(query.to(dtype), key.to(dtype))
+        weights.set_query_key(query.to(weights.dtype), key.to(weights.dtype))
         with torch.no_grad():
-            maps = weights.maps(positions.to(dtype)[None])
-        mass = target_mass(maps, grid, offsets, prefix=0)
+            maps = weights.maps(tokens.to(weights.dtype)[None])
+        mass = target_mass(maps, grid, offsets)
         layers.append(LayerInit(site.name, site.kind, tuple(offsets), tuple(mass)))
     settings = {
         "kernel_size": kernel_size, "order": order, "target": target, "strength": strength, "rcond": rcond,
@@ -332,13 +323,15 @@ def scale_positions(
         raise ValueError(f"position scale must be positive, not {scale}")
     model = _copy(model, inplace)
     grid = find_token_grid(model, example_inputs)
-    stem = find_patch_stem(model, example_inputs)
-    patches = model.get_submodule(stem.name)(example_inputs[0])
+    stem = model.get_submodule(find_patch_stem(model, example_inputs).name)
+    was_training = stem.training
+    patches = stem.eval()(example_inputs[0])  # eval: a conv stem's batch norms must not learn from the example
+    stem.train(was_training)
     owner, _, attribute = grid.parameter.rpartition(".")
     table = getattr(model.get_submodule(owner), attribute)
-    factor = float(scale * patches.square().mean().sqrt() / table.square().mean().sqrt())
-    table.mul_(factor)
-    return model, factor
+    ratio = float(scale * patches.square().mean().sqrt() / table.square().mean().sqrt())
+    table.mul_(ratio)
+    return model, ratio
 
 
 # Mimetic
@@ -371,9 +364,9 @@ def mimetic_init(
     layers = []
     for site in _sites(model, policy):
         weights = AttentionWeights(site, modules[site.name])
-        dtype = weights.query().dtype
+        dtype = weights.dtype
         heads = [
-            factor(_identity_plus_noise(site.embed_dim, *query_key, generator), site.head_dim)
+            low_rank_factors(_identity_plus_noise(site.embed_dim, *query_key, generator), site.head_dim)
             for _ in range(site.num_heads)
         ]
         weights.set_query_key(
@@ -382,7 +375,7 @@ def mimetic_init(
         if site.has_value:
             noise, identity = value_output
             inner = site.num_heads * site.head_dim
-            value, output = factor(_identity_plus_noise(site.embed_dim, noise, -identity, generator), inner)
+            value, output = low_rank_factors(_identity_plus_noise(site.embed_dim, noise, -identity, generator), inner)
             weights.set_value_output(value.to(dtype), output.T.to(dtype))
         layers.append(LayerInit(site.name, site.kind, value_output=site.has_value))
     settings = {"query_key": list(query_key), "value_output": list(value_output), "seed": seed}
@@ -401,6 +394,11 @@ def measure_target_mass(model: nn.Module, report: AttentionInitReport, images: T
     if report.method != "impulse":
         raise ValueError(f"a {report.method} report has no target offsets to measure")
     grid = find_token_grid(model, (images,))
+    if grid.prefix != report.settings["prefix"] or list(grid.grid_size) != report.settings["grid"]:
+        raise ValueError(
+            f"the model's tokens ({grid.grid_size} grid, {grid.prefix} prefix) are not those the report was made for "
+            f"({report.settings['grid']} grid, {report.settings['prefix']} prefix)"
+        )
     sites = {s.name: s for s in find_attention_sites(model)}
     modules = dict(model.named_modules())
     inputs: dict[str, Tensor] = {}
@@ -429,5 +427,5 @@ def measure_target_mass(model: nn.Module, report: AttentionInitReport, images: T
     with torch.no_grad():
         for layer in report.layers:
             maps = AttentionWeights(sites[layer.name], modules[layer.name]).maps(inputs[layer.name])
-            result[layer.name] = target_mass(maps, grid, list(layer.offsets), prefix=grid.prefix)
+            result[layer.name] = target_mass(maps, grid, list(layer.offsets))
     return result

@@ -67,9 +67,22 @@ def _block_container(model: nn.Module) -> tuple[str, nn.Module]:
 
 
 def _forward_flops(model: nn.Module, example_inputs: tuple) -> int:
-    """FLOPs of one forward pass per image."""
-    with torch.no_grad():
-        return count_flops(lambda: model(*example_inputs)) // example_inputs[0].shape[0]
+    """FLOPs of one eval-mode forward pass per image, attention included.
+
+    ``nn.MultiheadAttention``'s fused inference path is invisible to the FLOP
+    counter (it would count 0), so it is turned off while counting.
+    """
+    modes = {module: module.training for module in model.modules()}
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            return count_flops(lambda: model(*example_inputs)) // example_inputs[0].shape[0]
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for module, training in modes.items():
+            module.training = training
 
 
 def conv_stem(
@@ -105,9 +118,8 @@ def conv_stem(
     flops_before = _forward_flops(original, example_inputs)
     params_before = sum(p.numel() for p in original.parameters())
     new = ConvStem(stem.in_channels, widths, stem.embed_dim, bias=stem.bias).to(old.weight.device, old.weight.dtype)
-    new.train(old.training)
     with torch.no_grad():
-        after = new.eval()(example_inputs[0]).shape
+        after = new.eval()(example_inputs[0]).shape  # eval: the example must not move the new batch norms
     new.train(old.training)
     if after != before:
         raise TokenModelError(
@@ -120,10 +132,7 @@ def conv_stem(
         name, blocks = _block_container(model)
         removed = f"{name}.{len(blocks) - 1}" if name else str(len(blocks) - 1)
         del blocks[len(blocks) - 1]
-    was_training = model.training
-    model.eval()
     flops_after = _forward_flops(model, example_inputs)
-    model.train(was_training)
     report = ConvStemReport(
         stem.name,
         stem.patch_size,
