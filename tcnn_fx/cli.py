@@ -17,6 +17,7 @@ MODEL is ``torchvision:NAME``, ``timm:NAME``, ``cifar:resnetDEPTH``,
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import os
@@ -202,21 +203,24 @@ def _training_splits(
     return train, evaluation
 
 
-def _vit_passes(args, model: torch.nn.Module, inputs: tuple) -> tuple[torch.nn.Module, dict | None]:
-    """Apply ``--conv-stem``, ``--position-scale`` and ``--attention-init``; returns the model and the stem record."""
+def _vit_passes(args, model: torch.nn.Module, inputs: tuple):
+    """Apply ``--conv-stem``, ``--position-scale`` and ``--attention-init``.
+
+    Returns the model, the conv stem record for the checkpoint and the attention init report (or ``None``s).
+    """
     if args.remove_block and not args.conv_stem:
         raise ValueError("--remove-block goes with --conv-stem (it keeps the stem's FLOPs matched)")
     impulse_options = {"--impulse-kernel": args.impulse_kernel, "--impulse-target": args.impulse_target}
     stray = [flag for flag, value in impulse_options.items() if value is not None]
     if stray and args.attention_init != "impulse":
         raise ValueError(f"{', '.join(stray)} need --attention-init impulse (it is {args.attention_init})")
-    stem = None
+    stem = report = None
     if args.conv_stem:
         from tcnn_fx.passes.conv_stem import conv_stem
 
-        model, report = conv_stem(model, inputs, remove_block=args.remove_block, inplace=True)
-        console.print(report.table(), markup=False)
-        stem = {"widths": list(report.widths), "remove_block": args.remove_block}
+        model, stem_report = conv_stem(model, inputs, remove_block=args.remove_block, inplace=True)
+        console.print(stem_report.table(), markup=False)
+        stem = {"widths": list(stem_report.widths), "remove_block": args.remove_block}
     if args.position_scale is not None:
         from tcnn_fx.passes.attention_init import scale_positions
 
@@ -231,7 +235,26 @@ def _vit_passes(args, model: torch.nn.Module, inputs: tuple) -> tuple[torch.nn.M
         else:
             model, report = mimetic_init(model, seed=args.seed, inplace=True)
         console.print(report.table(), markup=False)
-    return model, stem
+    return model, stem, report
+
+
+def _impulse_mass_in_model(model: torch.nn.Module, report, evaluation, out: Path) -> None:
+    """Print and save (``OUT/attention_init.json``) how much the impulse heads attend to their targets on real images."""
+    from tcnn_fx.passes.attention_init import measure_target_mass
+    from tcnn_fx.training import balanced_subset
+
+    smallest = min(collections.Counter(evaluation.targets).values())
+    chosen = balanced_subset(evaluation.targets, min(smallest, max(1, 256 // len(evaluation.classes))), seed=0)
+    images = torch.stack([evaluation[i][0] for i in chosen])
+    masses = measure_target_mass(model, report, images)
+    for layer in report.layers:
+        positions = sum(layer.position_mass) / len(layer.position_mass)
+        in_model = sum(masses[layer.name]) / len(masses[layer.name])
+        console.print(f"  {layer.name}: target mass {positions:.3f} on positions alone, {in_model:.3f} in the model "
+                      f"on {len(images)} images")  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"report": dataclasses.asdict(report), "in_model_mass": masses, "images": len(images)}
+    (out / "attention_init.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
 def finetune_command(args) -> None:
@@ -241,8 +264,10 @@ def finetune_command(args) -> None:
     if _is_checkpoint(args.model):
         raise ValueError(f"finetune starts from a model spec (with --weights), not from the checkpoint {args.model}")
     model, inputs = _model_and_inputs(args)
-    model, stem = _vit_passes(args, model, inputs)
+    model, stem, init_report = _vit_passes(args, model, inputs)
     train, evaluation = _training_splits(args, model, inputs, args.train_subset, None)
+    if init_report is not None and init_report.method == "impulse" and int(os.environ.get("RANK", "0")) == 0:
+        _impulse_mass_in_model(model, init_report, evaluation, Path(args.out))
     with console.status(f"rewriting with policy {args.policy!r}"):
         hybrid = rewrite(model, _policy(args.policy), inputs, spec=args.model)
     console.print(f"[bold]{args.model}[/]: {report_of(hybrid).summary()}")

@@ -28,6 +28,10 @@ def test_finetune_with_vit_passes(dataset, tmp_path, capsys, init):
           "--batch-size", "8", "--workers", "0", "--quiet", "--in-memory", "--out", str(run)])  # fmt: skip
     printed = " ".join(capsys.readouterr().out.split())
     assert "conv stem at 'patch_embed.proj'" in printed and f"{init} init of 1 attention layers" in printed
+    if init == "impulse":  # how convolutional the heads are, on positions and on real images, printed and saved
+        record = json.loads((run / "attention_init.json").read_text())
+        assert set(record["in_model_mass"]) == {"blocks.0.attn"} and record["images"] == 24
+        assert "in the model on 24 images" in printed
     model = tcnn_fx.load(run / "model.pt")
     assert isinstance(model.get_submodule("patch_embed.proj"), ConvStem)
     assert [s.name for s in find_attention_sites(model)] == ["blocks.0.attn"]  # one block removed
