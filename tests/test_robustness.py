@@ -93,7 +93,7 @@ def test_blurs_and_codecs():
     image = photo()
     buffer = io.BytesIO()
     Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, "JPEG", quality=40)
-    reference = torch.from_numpy(__import__("numpy").asarray(Image.open(buffer).convert("RGB"))).permute(2, 0, 1)
+    reference = torch.from_numpy(__import__("numpy").array(Image.open(buffer).convert("RGB"))).permute(2, 0, 1)
     assert torch.equal(corrupt(image, "jpeg_compression", 5, g()), reference)
     pixelated = corrupt(image, "pixelate", 5, g())  # 32 -> 20 -> 32 with box filters: blocks of equal pixels
     assert len(pixelated.reshape(3, -1).unique(dim=1).T) < len(image.reshape(3, -1).unique(dim=1).T)
