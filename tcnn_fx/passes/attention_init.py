@@ -282,17 +282,10 @@ def impulse_init(
             picks = [h % len(window) for h in range(site.num_heads)]
         offsets = [window[p] for p in picks]
         heads = [
-            solve_impulse_head(
-                pinv,
-                grid.grid_size,
-                o,
-                target=target,
-                strength=strength,
-                rank=site.head_dim,
-                scale=site.scale,
-            )
+            solve_impulse_head(pinv, grid.grid_size, o, target=target, strength=strength, rank=site.head_dim,
+                               scale=site.scale)
             for o in offsets
-        ]
+        ]  # fmt: skip
         query, key = torch.stack([q for q, _ in heads]), torch.stack([k for _, k in heads])
         query, key = refine_heads(tokens, grid, offsets, query, key, site.scale, steps=refine_steps, lr=refine_lr)
         weights = AttentionWeights(site, modules[site.name])
@@ -303,8 +296,8 @@ def impulse_init(
         layers.append(LayerInit(site.name, site.kind, tuple(offsets), tuple(mass)))
     settings = {
         "kernel_size": kernel_size, "order": order, "target": target, "strength": strength, "rcond": rcond,
-        "refine_steps": refine_steps, "refine_lr": refine_lr, "seed": seed, "position_scale": position_scale, "grid": list(grid.grid_size), "prefix": grid.prefix,
-        "positions": grid.parameter,
+        "refine_steps": refine_steps, "refine_lr": refine_lr, "seed": seed, "position_scale": position_scale,
+        "grid": list(grid.grid_size), "prefix": grid.prefix, "positions": grid.parameter,
     }  # fmt: skip
     return model, AttentionInitReport("impulse", tuple(layers), settings)
 
