@@ -9,7 +9,9 @@ shared CIFAR-10 for a fixed short budget, one recipe for every variant:
   init, and the default init with the rescaled positions (the control for the
   rescaling);
 * convolutional stem (last block removed, as the paper does) with the default
-  and the impulse init.
+  and the impulse init;
+* 9 heads of 16 (144 wide), default init and impulse init with one head per
+  tap of the 3x3 window (``--impulse-order fixed``).
 
 Phases: ``train`` (resumable; skips finished runs), ``measure`` (attention mass
 on the impulse targets at init: positions alone and in the model on 512 test
@@ -36,26 +38,30 @@ import torch
 from cifar_experiments import _mean_std, _records, run_chain
 
 MODEL = str(Path(__file__).with_name("vit_models.py")) + ":vit_cifar"
+#: One head per tap: does covering the whole 3x3 window change the impulse init's result?
+NINE_HEADS = str(Path(__file__).with_name("vit_models.py")) + ":vit_cifar_9heads"
 RECIPE = ["--input-size", "32", "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "0.05", "--warmup-epochs", "1", "--epochs", "8",
           "--batch-size", "128", "--train-subset", "1000"]  # fmt: skip
 IMPULSE = ["--attention-init", "impulse", "--impulse-kernel", "3"]
-VARIANTS = {
-    "patchify-default": [],
-    "patchify-impulse": [*IMPULSE, "--position-scale", "1"],
-    "patchify-impulse-unscaled": IMPULSE,
-    "patchify-default-scaled": ["--position-scale", "1"],
-    "patchify-mimetic": ["--attention-init", "mimetic"],
-    "convstem-default": ["--conv-stem", "--remove-block"],
-    "convstem-impulse": ["--conv-stem", "--remove-block", *IMPULSE, "--position-scale", "1"],
+VARIANTS = {  # name: (model, arguments)
+    "patchify-default": (MODEL, []),
+    "patchify-impulse": (MODEL, [*IMPULSE, "--position-scale", "1"]),
+    "patchify-impulse-unscaled": (MODEL, IMPULSE),
+    "patchify-default-scaled": (MODEL, ["--position-scale", "1"]),
+    "patchify-mimetic": (MODEL, ["--attention-init", "mimetic"]),
+    "convstem-default": (MODEL, ["--conv-stem", "--remove-block"]),
+    "convstem-impulse": (MODEL, ["--conv-stem", "--remove-block", *IMPULSE, "--position-scale", "1"]),
+    "9heads-default": (NINE_HEADS, []),
+    "9heads-impulse-fixed": (NINE_HEADS, [*IMPULSE, "--impulse-order", "fixed", "--position-scale", "1"]),
 }
 SEEDS = (0, 1)
 
 
 def train_runs(out: Path, data: str) -> list[tuple[Path, list[str]]]:
     return [
-        (out / f"{variant}-seed{seed}", ["finetune", MODEL, "--data", data, "--seed", str(seed), *RECIPE, *extra])
+        (out / f"{variant}-seed{seed}", ["finetune", model, "--data", data, "--seed", str(seed), *RECIPE, *extra])
         for seed in SEEDS
-        for variant, extra in VARIANTS.items()
+        for variant, (model, extra) in VARIANTS.items()
     ]
 
 
@@ -75,7 +81,7 @@ def measure(out: Path, data: str) -> None:
     from tcnn_fx.specs import build
 
     images = _test_images(data, 512)
-    for variant, extra in VARIANTS.items():
+    for variant, (spec, extra) in VARIANTS.items():
         if "impulse" not in variant:
             continue
         for seed in SEEDS:
@@ -83,14 +89,15 @@ def measure(out: Path, data: str) -> None:
             if not (run / "model.pt").exists() or (run / "mass.json").exists():
                 continue
             torch.manual_seed(seed)  # as the CLI builds it: same weights, same example input
-            model = build(MODEL).eval()
+            model = build(spec).eval()
             inputs = (torch.randn(1, 3, 32, 32),)
             baseline = model
             if "--conv-stem" in extra:
                 model, _ = conv_stem(model, inputs, remove_block=True)
                 baseline = model
             scale = float(extra[extra.index("--position-scale") + 1]) if "--position-scale" in extra else None
-            model, report = impulse_init(model, inputs, kernel_size=3, position_scale=scale, seed=seed)
+            order = extra[extra.index("--impulse-order") + 1] if "--impulse-order" in extra else "random"
+            model, report = impulse_init(model, inputs, kernel_size=3, order=order, position_scale=scale, seed=seed)
             trained = tcnn_fx.load(run / "model.pt").eval()
             result = {
                 "positions_alone": {layer.name: list(layer.position_mass) for layer in report.layers},

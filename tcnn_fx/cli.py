@@ -210,7 +210,8 @@ def _vit_passes(args, model: torch.nn.Module, inputs: tuple):
     """
     if args.remove_block and not args.conv_stem:
         raise ValueError("--remove-block goes with --conv-stem (it keeps the stem's FLOPs matched)")
-    impulse_options = {"--impulse-kernel": args.impulse_kernel, "--impulse-target": args.impulse_target}
+    impulse_options = {"--impulse-kernel": args.impulse_kernel, "--impulse-target": args.impulse_target,
+                       "--impulse-order": args.impulse_order}  # fmt: skip
     stray = [flag for flag, value in impulse_options.items() if value is not None]
     if stray and args.attention_init != "impulse":
         raise ValueError(f"{', '.join(stray)} need --attention-init impulse (it is {args.attention_init})")
@@ -231,7 +232,8 @@ def _vit_passes(args, model: torch.nn.Module, inputs: tuple):
 
         if args.attention_init == "impulse":
             model, report = impulse_init(model, inputs, kernel_size=args.impulse_kernel or 3,
-                                         target=args.impulse_target or "onehot", seed=args.seed, inplace=True)  # fmt: skip
+                                         target=args.impulse_target or "onehot", order=args.impulse_order or "random",
+                                         seed=args.seed, inplace=True)  # fmt: skip
         else:
             model, report = mimetic_init(model, seed=args.seed, inplace=True)
         console.print(report.table(), markup=False)
@@ -468,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="initialise the attention layers' queries/keys (and values for mimetic)")  # fmt: skip
     vit.add_argument("--impulse-kernel", type=int, help="impulse window K, offsets within K x K (default 3)")
     vit.add_argument("--impulse-target", choices=("onehot", "distance"), help="impulse logit target (default onehot)")
+    vit.add_argument("--impulse-order", choices=("random", "fixed"),
+                     help="impulse offsets drawn at random per head (default) or walking the window row-major")  # fmt: skip
     vit.add_argument("--position-scale", type=float,
                      help="rescale the positional embedding to this multiple of the patch tokens' RMS")  # fmt: skip
     _recipe_arguments(tune, Recipe())

@@ -56,7 +56,7 @@ def test_flags_that_need_another_flag(dataset, tmp_path, capsys):
     ]
     for extra, message in (
         (["--remove-block"], "--remove-block goes with --conv-stem"),
-        (["--impulse-kernel", "5"], "--impulse-kernel need --attention-init impulse"),
+        (["--impulse-kernel", "5", "--impulse-order", "fixed"], "--impulse-kernel, --impulse-order need --attention-init"),
         (
             ["--attention-init", "mimetic", "--impulse-target", "distance"],
             "--impulse-target need --attention-init impulse",
