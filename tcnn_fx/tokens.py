@@ -48,6 +48,11 @@ class AttentionSite:
     scale: float
     has_value: bool  # whether value and output projections exist to initialise (not for ConvAttention2d)
 
+    @property
+    def width(self) -> int:
+        """All heads' query (and key, value) width together."""
+        return self.num_heads * self.head_dim
+
 
 def _kind(module: nn.Module) -> str | None:
     if isinstance(module, timm_attention_types()):
@@ -132,9 +137,9 @@ class AttentionWeights:
         return self.module.in_proj_weight, self.module.in_proj_bias
 
     def _rows(self, which: int) -> Tensor:
-        width = self.site.num_heads * self.site.head_dim
         if self.site.kind == "conv_attention":
             return (self.module.query_weight, self.module.key_weight)[which]
+        width = self.site.width
         return self._packed()[0][which * width : (which + 1) * width]
 
     @property
@@ -150,7 +155,7 @@ class AttentionWeights:
         if self.site.kind != "conv_attention":
             bias = self._packed()[1]
             if bias is not None:
-                bias[: 2 * self.site.num_heads * self.site.head_dim].zero_()
+                bias[: 2 * self.site.width].zero_()
 
     @torch.no_grad()
     def set_value_output(self, value: Tensor, output: Tensor) -> None:
@@ -166,10 +171,9 @@ class AttentionWeights:
 
     def maps(self, tokens: Tensor) -> Tensor:
         """Attention probabilities ``(batch, heads, tokens, tokens)`` for the layer's input ``tokens`` ``(B, L, D)``."""
-        heads, dim = self.site.num_heads, self.site.head_dim
-        width = heads * dim
         if self.site.kind == "conv_attention":
             raise TokenModelError("ConvAttention2d maps come from its own attention() method")
+        heads, dim, width = self.site.num_heads, self.site.head_dim, self.site.width
         weight, bias = self._packed()
         qk = F.linear(tokens, weight[: 2 * width], None if bias is None else bias[: 2 * width])
         q, k = qk.reshape(*tokens.shape[:2], 2, heads, dim).permute(2, 0, 3, 1, 4)  # q/k norms are refused

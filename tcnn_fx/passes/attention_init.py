@@ -367,8 +367,7 @@ def mimetic_init(
         )
         if site.has_value:
             noise, identity = value_output
-            inner = site.num_heads * site.head_dim
-            value, output = low_rank_factors(_identity_plus_noise(site.embed_dim, noise, -identity, generator), inner)
+            value, output = low_rank_factors(_identity_plus_noise(site.embed_dim, noise, -identity, generator), site.width)
             weights.set_value_output(value.to(dtype), output.T.to(dtype))
         layers.append(LayerInit(site.name, site.kind, value_output=site.has_value))
     settings = {"query_key": list(query_key), "value_output": list(value_output), "seed": seed}
