@@ -5,10 +5,10 @@ autograd (so the layer reuses its positional attention), float32 on the CPU.
 The table says for each shape the latency ratio, the FLOP ratio (the limit of
 this construction: attention does more arithmetic than the convolution) and
 the achieved FLOP/s of each; the target is that the layer achieves at least
-80% of the convolution's FLOP/s at 7x7 and 14x14.  It also times a plain
-``torch.bmm`` and ``torch.mm`` of representative size: the batched products
-of attention run on the BLAS library, whose rate on the machine bounds the
-layer's.
+80% of the convolution's FLOP/s at 7x7 and 14x14.  It also times the
+attention's gather (every head applied to every channel) both ways the layer
+runs it: as a oneDNN grouped convolution (inference) and as ``torch.bmm`` on
+the BLAS (training, captured graphs).
 
     python benchmarks/conv_attention_speed.py [--batch 8] [--rounds 30] [--runtime torch|ort] [--json out.json]
 
@@ -37,6 +37,7 @@ from torch import nn
 from tcnn_fx import ConvAttention2d
 from tcnn_fx.export import to_onnx
 from tcnn_fx.export.onnx import _session
+from tcnn_fx.layers.conv_attention import _gather
 from tcnn_fx.timing import count_flops, time_side_by_side
 
 #: (channels, input resolution, stride): the shapes the targets are stated for.
@@ -88,15 +89,21 @@ def measure(channels: int, resolution: int, stride: int, batch: int, rounds: int
     }
 
 
-def blas_rates(rounds: int) -> dict:
-    """GFLOP/s of the BLAS products attention uses, at sizes typical of the shapes above."""
-    a, b = torch.randn(8, 1764, 196), torch.randn(8, 196, 256)
-    m, n = torch.randn(1568, 2304), torch.randn(2304, 256)
-    timing = time_side_by_side({"bmm": lambda: torch.bmm(a, b), "mm": lambda: torch.mm(m, n)}, rounds=rounds)
-    return {
-        "bmm_gflops": 2 * 8 * 1764 * 196 * 256 / timing["bmm"].median / 1e9,
-        "mm_gflops": 2 * 1568 * 2304 * 256 / timing["mm"].median / 1e9,
-    }
+def gather_rates(rounds: int) -> dict:
+    """GFLOP/s of the gather at the 14x14, C=256 shape, both ways the layer runs it.
+
+    Inference (no autograd, float32 CPU) runs it as a oneDNN grouped
+    convolution, training and captured graphs as ``torch.bmm`` on the BLAS.
+    """
+    values, maps = torch.randn(8, 256, 14, 14), torch.rand(8, 9, 196, 196)
+
+    def gather(grad: bool):
+        with torch.set_grad_enabled(grad):
+            return _gather(values, maps)
+
+    timing = time_side_by_side({"bmm": lambda: gather(True), "onednn": lambda: gather(False)}, rounds=rounds)
+    flops = 2 * 8 * 9 * 196 * 196 * 256
+    return {f"{name}_gflops": flops / timing[name].median / 1e9 for name in ("bmm", "onednn")}
 
 
 def machine() -> dict:
@@ -145,9 +152,10 @@ def main() -> None:
                         help="PyTorch eager, or both exported to ONNX and run by ONNX Runtime (CPU)")
     args = parser.parse_args()
     rows = [measure(c, r, s, args.batch, args.rounds, args.runtime) for c, r, s in SHAPES]
-    report = {"machine": machine(), "blas": blas_rates(args.rounds), "results": rows}
+    report = {"machine": machine(), "gather": gather_rates(args.rounds), "results": rows}
     print(json.dumps(report["machine"]))
-    print(f"BLAS on this machine: bmm {report['blas']['bmm_gflops']:.0f} GFLOP/s, mm {report['blas']['mm_gflops']:.0f} GFLOP/s")
+    rates = report["gather"]
+    print(f"gather at 14x14, C=256: oneDNN {rates['onednn_gflops']:.0f} GFLOP/s, bmm {rates['bmm_gflops']:.0f} GFLOP/s")
     print(markdown(rows))
     if args.json:
         with open(args.json, "w") as out:

@@ -70,3 +70,38 @@ def test_channels_last_input_gives_channels_last_output_like_conv():
         memory_format=torch.channels_last
     )
     assert relative_error(out, conv(x)) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(in_channels=64, out_channels=96, kernel_size=3, padding=1),
+        dict(in_channels=96, out_channels=64, kernel_size=3, stride=2, padding=1),
+        dict(in_channels=64, out_channels=64, kernel_size=(2, 3), padding="same", dilation=2),
+        dict(in_channels=64, out_channels=128, kernel_size=3, padding=1, groups=4, padding_mode="reflect"),
+        dict(in_channels=64, out_channels=64, kernel_size=5, padding=2, groups=64, padding_mode="circular"),
+        dict(in_channels=128, out_channels=64, kernel_size=1, bias=False),
+    ],
+)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_inference_gather_matches_training_gather_and_convolution(kwargs, batch):
+    # Wide float32 layers gather with a oneDNN grouped convolution in inference and with bmm under
+    # autograd; both must give the convolution, and the convolution is what the projection reproduces.
+    from tcnn_fx.layers.conv_attention import _gathers_with_onednn
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(**kwargs)
+    layer = ConvAttention2d.from_conv(conv)
+    x = torch.randn(batch, conv.in_channels, 11, 9)
+    with torch.no_grad():
+        expected, inferred = conv(x), layer(x)
+        onednn = _gathers_with_onednn(x)
+    trained = layer(x)
+    assert onednn == torch.backends.mkldnn.is_available()
+    assert relative_error(inferred, expected) <= 1e-6
+    assert relative_error(trained.detach(), expected) <= 1e-6
+    with torch.no_grad():
+        layer.gate.fill_(0.5)  # content attention mixed in: the two gathers still agree
+        opened = layer(x)
+    assert relative_error(opened, expected) > 1e-3
+    assert relative_error(opened, layer(x).detach()) <= 1e-5

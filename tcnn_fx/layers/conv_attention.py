@@ -186,6 +186,48 @@ def _reject_unsupported(conv: nn.Module) -> None:
         raise TypeError(f"{type(conv).__name__}.weight is complex ({conv.weight.dtype}); only real dtypes are supported")
 
 
+def _gathers_with_onednn(values: Tensor) -> bool:
+    """Whether the gather runs as a oneDNN grouped convolution rather than ``torch.bmm``.
+
+    Same product; in float32 inference on the CPU with at least 64 channels
+    oneDNN's kernels outrun the BLAS (measured on AVX-512: 1.4-3x for 128 and
+    more channels, 0.9-2.2x at 64, slower below, and slower in backward
+    passes, so training keeps ``bmm``).  Captured graphs keep ``bmm`` too:
+    the grouped form bakes the batch size into the graph.
+    """
+    return (
+        values.device.type == "cpu"
+        and values.dtype == torch.float32
+        and values.shape[1] >= 64
+        and not torch.is_grad_enabled()
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and not _capturing()
+    )
+
+
+def _gather(values: Tensor, maps: Tensor) -> Tensor:
+    """Every head's attention applied to every input channel, laid out for the output projection.
+
+    ``values`` is ``(B, C, rows, columns)``, ``maps`` ``(B, heads, queries,
+    keys)``.  Returns ``(B, C, heads, queries)``, or ``(1, C, B * heads,
+    queries)`` (images along the rows) from the oneDNN form.
+    """
+    batch, channels = values.shape[:2]
+    heads, queries, keys = maps.shape[1:]
+    if not _gathers_with_onednn(values):
+        gathered = torch.bmm(values.reshape(batch, channels, keys), maps.reshape(batch, heads * queries, keys).mT)
+        return gathered.reshape(batch, channels, heads, queries)
+    # A 1x1 convolution per image (groups = images): pixels are the C channels, input channels
+    # the keys (channels-last, so the values need no copy beyond images-inner order), output
+    # channels the heads' queries, weights the maps themselves.
+    # (Strides of the size-1 dimensions as permute leaves them: oneDNN takes other, equally valid
+    # channels-last strides for a different layout and runs 40x slower.)
+    pixels = values.reshape(batch, channels, keys).transpose(0, 1).reshape(1, channels, 1, batch * keys)
+    gathered = F.conv2d(pixels.permute(0, 3, 1, 2), maps.reshape(batch * heads * queries, keys, 1, 1), groups=batch)
+    return gathered.permute(0, 2, 3, 1).reshape(1, channels, batch * heads, queries)
+
+
 class ConvAttention2d(nn.Module):
     """Multi-head self-attention that equals an ``nn.Conv2d`` at initialisation.
 
@@ -457,7 +499,10 @@ class ConvAttention2d(nn.Module):
 
         The positional term does not depend on the input (an exported graph
         holds it as a constant), and at ``w = 0`` the result is exactly the
-        positional map.  ``in_place`` overwrites ``content``.
+        positional map.  ``in_place`` overwrites ``content``.  (``torch.lerp``
+        would skip the scaled copy of the positional maps in eager mode, but
+        the ONNX exporter decomposes it into Sub/Mul/Where over the maps, which
+        cost a hybrid ResNet-50 a quarter of its attention time in ONNX Runtime.)
         """
         base = (positional * (1 - weight[0])).unsqueeze(0)
         return torch.addcmul(base, content, weight, out=content if in_place else None)
@@ -466,18 +511,20 @@ class ConvAttention2d(nn.Module):
         values, positional, content, weight, (out_h, out_w) = self._attend(x)
         # In eager inference the mix overwrites the content map: one large allocation fewer.
         combined = self._mix(positional, content, weight, in_place=not (torch.is_grad_enabled() or _capturing()))
-        batch, channels = values.shape[:2]
-        num_keys = values.shape[-2] * values.shape[-1]
-        # Every head gathers every input channel: (B, C, keys) @ (B, keys, heads * queries).
-        gathered = torch.bmm(values.reshape(batch, channels, num_keys), combined.reshape(batch, -1, num_keys).mT)
-        # Channel c * heads + head is head `head`'s copy of input channel c: in that order the output
-        # projection of all heads is one grouped 1x1 convolution whose weight is the convolution's own.
-        gathered = gathered.reshape(batch, channels * self.num_heads, out_h, out_w)
-        projection = self.weight.reshape(self.out_channels, -1, 1, 1)
-        out = F.conv2d(gathered, projection, self.bias, groups=self.groups)
+        gathered = _gather(values, combined)
+        # Row r * heads + head of `gathered` is head `head`'s gather for image r (or, one image per
+        # batch entry, row `head`): a (heads x 1) kernel with stride (heads, 1) is then every head's
+        # output projection at once, with the convolution's own weight and in the convolution's own
+        # summation order, so at init the result is the convolution's to the last bit on oneDNN.
+        projection = self.weight.reshape(self.out_channels, -1, self.num_heads, 1)
+        out = F.conv2d(gathered, projection, self.bias, stride=(self.num_heads, 1), groups=self.groups)
+        batch = x.shape[0]
+        if out.shape[0] != batch:  # images along the rows: (1, C_out, B, queries)
+            out = out[0].transpose(0, 1)
+        out = out.reshape(batch, self.out_channels, out_h, out_w)
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             return out.contiguous(memory_format=torch.channels_last)  # as nn.Conv2d answers channels-last input
-        return out
+        return out.contiguous()
 
     def attention(self, x: Tensor) -> AttentionMaps:
         """The attention maps this layer applies to ``x`` (detached), with the offsets to measure them."""
