@@ -37,7 +37,7 @@ from torch import nn
 from tcnn_fx import ConvAttention2d
 from tcnn_fx.export import to_onnx
 from tcnn_fx.export.onnx import _session
-from tcnn_fx.layers.conv_attention import _gather
+from tcnn_fx.layers.conv_attention import _gather_bmm, _gather_onednn
 from tcnn_fx.timing import count_flops, time_side_by_side
 
 #: (channels, input resolution, stride): the shapes the targets are stated for.
@@ -90,18 +90,16 @@ def measure(channels: int, resolution: int, stride: int, batch: int, rounds: int
 
 
 def gather_rates(rounds: int) -> dict:
-    """GFLOP/s of the gather at the 14x14, C=256 shape, both ways the layer runs it.
+    """GFLOP/s of the gather at the 14x14, C=256 shape, batch 8, both ways the layer runs it.
 
-    Inference (no autograd, float32 CPU) runs it as a oneDNN grouped
-    convolution, training and captured graphs as ``torch.bmm`` on the BLAS.
+    Inference (no autograd, float32 CPU) runs it as oneDNN grouped
+    convolutions, training and captured graphs as ``torch.bmm`` on the BLAS.
     """
     values, maps = torch.randn(8, 256, 14, 14), torch.rand(8, 9, 196, 196)
-
-    def gather(grad: bool):
-        with torch.set_grad_enabled(grad):
-            return _gather(values, maps)
-
-    timing = time_side_by_side({"bmm": lambda: gather(True), "onednn": lambda: gather(False)}, rounds=rounds)
+    with torch.no_grad():
+        timing = time_side_by_side(
+            {"bmm": lambda: _gather_bmm(values, maps), "onednn": lambda: _gather_onednn(values, maps)}, rounds=rounds
+        )
     flops = 2 * 8 * 9 * 196 * 196 * 256
     return {f"{name}_gflops": flops / timing[name].median / 1e9 for name in ("bmm", "onednn")}
 

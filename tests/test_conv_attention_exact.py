@@ -83,7 +83,7 @@ def test_channels_last_input_gives_channels_last_output_like_conv():
         dict(in_channels=128, out_channels=64, kernel_size=1, bias=False),
     ],
 )
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, 11])  # 11: more than one oneDNN call
 def test_inference_gather_matches_training_gather_and_convolution(kwargs, batch):
     # Wide float32 layers gather with a oneDNN grouped convolution in inference and with bmm under
     # autograd; both must give the convolution, and the convolution is what the projection reproduces.

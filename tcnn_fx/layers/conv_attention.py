@@ -186,14 +186,20 @@ def _reject_unsupported(conv: nn.Module) -> None:
         raise TypeError(f"{type(conv).__name__}.weight is complex ({conv.weight.dtype}); only real dtypes are supported")
 
 
+#: Images per oneDNN gather call (the layer runs larger batches in chunks of this many): measured
+#: over batches of 64-256 and 64-256 channels, 8 per call ran 1.4-3.9x faster than ``torch.bmm``,
+#: while one call for a whole batch of 128 or more ran slower than ``torch.bmm``.
+ONEDNN_GATHER_IMAGES = 8
+
+
 def _gathers_with_onednn(values: Tensor) -> bool:
-    """Whether the gather runs as a oneDNN grouped convolution rather than ``torch.bmm``.
+    """Whether the gather runs as oneDNN grouped convolutions rather than ``torch.bmm``.
 
     Same product; in float32 inference on the CPU with at least 64 channels
-    oneDNN's kernels outrun the BLAS (measured on AVX-512: 1.4-3x for 128 and
-    more channels, 0.9-2.2x at 64, slower below, and slower in backward
-    passes, so training keeps ``bmm``).  Captured graphs keep ``bmm`` too:
-    the grouped form bakes the batch size into the graph.
+    oneDNN's kernels outrun the BLAS (measured on AVX-512 at 8 images: 1.4-3x
+    for 128 and more channels, 0.9-2.2x at 64, slower below, and slower in
+    backward passes, so training keeps ``bmm``).  Captured graphs keep
+    ``bmm`` too: the grouped form bakes the batch size into the graph.
     """
     return (
         values.device.type == "cpu"
@@ -206,21 +212,27 @@ def _gathers_with_onednn(values: Tensor) -> bool:
     )
 
 
-def _gather(values: Tensor, maps: Tensor) -> Tensor:
-    """Every head's attention applied to every input channel, laid out for the output projection.
+def _gather_bmm(values: Tensor, maps: Tensor) -> Tensor:
+    """Every head's attention applied to every input channel: ``(B, C, heads, queries)``.
 
-    ``values`` is ``(B, C, rows, columns)``, ``maps`` ``(B, heads, queries,
-    keys)``.  Returns ``(B, C, heads, queries)``, or ``(1, C, B * heads,
-    queries)`` (images along the rows) from the oneDNN form.
+    ``values`` is ``(B, C, rows, columns)``, ``maps`` ``(B, heads, queries, keys)``.
     """
     batch, channels = values.shape[:2]
     heads, queries, keys = maps.shape[1:]
-    if not _gathers_with_onednn(values):
-        gathered = torch.bmm(values.reshape(batch, channels, keys), maps.reshape(batch, heads * queries, keys).mT)
-        return gathered.reshape(batch, channels, heads, queries)
-    # A 1x1 convolution per image (groups = images): pixels are the C channels, input channels
-    # the keys (channels-last, so the values need no copy beyond images-inner order), output
-    # channels the heads' queries, weights the maps themselves.
+    gathered = torch.bmm(values.reshape(batch, channels, keys), maps.reshape(batch, heads * queries, keys).mT)
+    return gathered.reshape(batch, channels, heads, queries)
+
+
+def _gather_onednn(values: Tensor, maps: Tensor) -> Tensor:
+    """``_gather_bmm``'s product as a oneDNN grouped 1x1 convolution: ``(1, C, B * heads, queries)``.
+
+    One group per image: pixels are the C channels, input channels the keys
+    (channels-last, so the values need no copy beyond images-inner order),
+    output channels the heads' queries, weights the maps themselves.  The
+    images end up along the rows.
+    """
+    batch, channels = values.shape[:2]
+    heads, queries, keys = maps.shape[1:]
     # (Strides of the size-1 dimensions as permute leaves them: oneDNN takes other, equally valid
     # channels-last strides for a different layout and runs 40x slower.)
     pixels = values.reshape(batch, channels, keys).transpose(0, 1).reshape(1, channels, 1, batch * keys)
@@ -508,23 +520,32 @@ class ConvAttention2d(nn.Module):
         return torch.addcmul(base, content, weight, out=content if in_place else None)
 
     def forward(self, x: Tensor) -> Tensor:
+        if _gathers_with_onednn(x) and x.shape[0] > ONEDNN_GATHER_IMAGES:
+            # A few images at a time: oneDNN's grouped product is fastest so, and the attention
+            # maps of a chunk stay in cache between the softmax, the mix and the gather.
+            return torch.cat([self(chunk) for chunk in x.split(ONEDNN_GATHER_IMAGES)])
         values, positional, content, weight, (out_h, out_w) = self._attend(x)
         # In eager inference the mix overwrites the content map: one large allocation fewer.
         combined = self._mix(positional, content, weight, in_place=not (torch.is_grad_enabled() or _capturing()))
-        gathered = _gather(values, combined)
-        # Row r * heads + head of `gathered` is head `head`'s gather for image r (or, one image per
-        # batch entry, row `head`): a (heads x 1) kernel with stride (heads, 1) is then every head's
-        # output projection at once, with the convolution's own weight and in the convolution's own
-        # summation order, so at init the result is the convolution's to the last bit on oneDNN.
-        projection = self.weight.reshape(self.out_channels, -1, self.num_heads, 1)
-        out = F.conv2d(gathered, projection, self.bias, stride=(self.num_heads, 1), groups=self.groups)
-        batch = x.shape[0]
-        if out.shape[0] != batch:  # images along the rows: (1, C_out, B, queries)
-            out = out[0].transpose(0, 1)
-        out = out.reshape(batch, self.out_channels, out_h, out_w)
+        gather = _gather_onednn if _gathers_with_onednn(values) else _gather_bmm
+        out = self._project(gather(values, combined)).reshape(x.shape[0], self.out_channels, out_h, out_w)
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             return out.contiguous(memory_format=torch.channels_last)  # as nn.Conv2d answers channels-last input
         return out.contiguous()
+
+    def _project(self, gathered: Tensor) -> Tensor:
+        """Every head's output projection of its gathered channels: ``(images, C_out, queries)``.
+
+        Row ``r * heads + head`` of ``gathered`` is head ``head``'s gather
+        for image ``r`` (one image per batch entry, or all along the rows):
+        a (heads x 1) kernel with stride (heads, 1) applies all heads' taps
+        at once with the convolution's own weight, reshaped, and oneDNN sums
+        it in the convolution's order, so at init the result is the
+        convolution's to the last bit there.
+        """
+        projection = self.weight.reshape(self.out_channels, -1, self.num_heads, 1)
+        out = F.conv2d(gathered, projection, self.bias, stride=(self.num_heads, 1), groups=self.groups)
+        return out.transpose(1, 2).flatten(0, 1)
 
     def attention(self, x: Tensor) -> AttentionMaps:
         """The attention maps this layer applies to ``x`` (detached), with the offsets to measure them."""
