@@ -77,6 +77,20 @@ def test_wrong_input_shape_names_the_module():
         tcnn_fx.trace(TinyResNet(), (torch.randn(1, 4, 16, 16),))
 
 
+@pytest.mark.parametrize(
+    ("model", "x", "message"),
+    [
+        (nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(6)), torch.randn(1, 3, 8, 8), "BatchNorm2d\\(6\\) got an input with 8"),
+        (nn.Sequential(nn.Flatten(), nn.BatchNorm2d(3)), torch.randn(1, 3, 8, 8), "expected 4D input"),
+    ],
+)
+def test_batch_norm_that_does_not_fit_its_input_names_the_module(model, x, message):
+    # Shape propagation answers batch norms without running them; their checks must still hold.
+    with pytest.raises(Exception, match="module '1'") as error:
+        tcnn_fx.trace(model, (x,))
+    assert error.match(message)
+
+
 def test_timm_same_padding_convolution_is_traced_through():
     timm = pytest.importorskip("timm")
     model = timm.create_model("tf_efficientnet_b0", num_classes=10).eval()

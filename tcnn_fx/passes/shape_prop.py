@@ -11,7 +11,7 @@ counts the model's FLOPs.
 from __future__ import annotations
 
 import torch
-from torch import fx
+from torch import fx, nn
 from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
@@ -63,8 +63,25 @@ class MetaShapeProp(fx.Interpreter):
 
     def call_module(self, target, args, kwargs):
         module = self.fetch_attr(target)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and len(args) == 1 and not kwargs:
+            return _batch_norm_output(module, args[0])
         state = {name: _meta(t) for name, t in [*module.named_parameters(), *module.named_buffers()]}
         return functional_call(module, state, args, kwargs)
+
+
+def _batch_norm_output(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """A batch norm's output on meta tensors: its input's shape and dtype, after the norm's own checks.
+
+    Running it would go through PyTorch's Python decomposition of batch norm
+    for the meta device, which was 60% of the propagation's time on
+    ResNet-152, for an answer known in advance (and no FLOPs counted).
+    """
+    norm._check_input_dim(x)
+    if x.shape[1] != norm.num_features:
+        raise ValueError(
+            f"{type(norm).__name__}({norm.num_features}) got an input with {x.shape[1]} channels (shape {tuple(x.shape)})"
+        )
+    return torch.empty_like(x)
 
 
 def _where(node: fx.Node) -> str:
