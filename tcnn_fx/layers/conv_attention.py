@@ -521,8 +521,8 @@ class ConvAttention2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if _gathers_with_onednn(x) and x.shape[0] > ONEDNN_GATHER_IMAGES:
-            # A few images at a time: oneDNN's grouped product is fastest so, and the attention
-            # maps of a chunk stay in cache between the softmax, the mix and the gather.
+            # A few images at a time: oneDNN's grouped product is fastest so (ONEDNN_GATHER_IMAGES),
+            # and the attention maps held at once stay those of a few images.
             return torch.cat([self(chunk) for chunk in x.split(ONEDNN_GATHER_IMAGES)])
         values, positional, content, weight, (out_h, out_w) = self._attend(x)
         # In eager inference the mix overwrites the content map: one large allocation fewer.
