@@ -105,3 +105,13 @@ def test_inference_gather_matches_training_gather_and_convolution(kwargs, batch)
         opened = layer(x)
     assert relative_error(opened, expected) > 1e-3
     assert relative_error(opened, layer(x).detach()) <= 1e-5
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_empty_batch_gives_an_empty_output_like_conv(stride):
+    conv = nn.Conv2d(64, 32, 3, stride=stride, padding=1)
+    layer = ConvAttention2d.from_conv(conv)
+    x = torch.randn(0, 64, 6, 6)
+    with torch.no_grad():
+        assert layer(x).shape == conv(x).shape
+    assert layer(x).shape == conv(x).shape

@@ -204,6 +204,7 @@ def _gathers_with_onednn(values: Tensor) -> bool:
     return (
         values.device.type == "cpu"
         and values.dtype == torch.float32
+        and values.shape[0] > 0
         and values.shape[1] >= 64
         and not torch.is_grad_enabled()
         and torch.backends.mkldnn.is_available()
@@ -488,14 +489,15 @@ class ConvAttention2d(nn.Module):
 
     def _content(self, queries: Tensor, keys: Tensor) -> Tensor:
         """Content attention ``(B, heads, queries, keys)``: softmax of scaled query-key products."""
-        batch, heads, dim = queries.shape[0], self.num_heads, self.qk_dim
+        heads, dim = self.num_heads, self.qk_dim
         query_weight = (self.query_weight * dim**-0.5)[:, :, None, None]
         key_weight = self.key_weight[:, :, None, None]
         if queries is keys:  # one product for both
             q, k = F.conv2d(keys, torch.cat([query_weight, key_weight])).split(heads * dim, dim=1)
         else:
             q, k = F.conv2d(queries, query_weight), F.conv2d(keys, key_weight)
-        scores = torch.matmul(q.reshape(batch, heads, dim, -1).transpose(-1, -2), k.reshape(batch, heads, dim, -1))
+        q, k = q.flatten(2).unflatten(1, (heads, dim)), k.flatten(2).unflatten(1, (heads, dim))  # (B, heads, dim, pixels)
+        scores = torch.matmul(q.transpose(-1, -2), k)
         return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(queries.dtype)
 
     def _attend(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[int, int]]:
