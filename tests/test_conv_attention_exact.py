@@ -75,11 +75,11 @@ def test_channels_last_input_gives_channels_last_output_like_conv():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(in_channels=64, out_channels=96, kernel_size=3, padding=1),
-        dict(in_channels=96, out_channels=64, kernel_size=3, stride=2, padding=1),
-        dict(in_channels=64, out_channels=64, kernel_size=(2, 3), padding="same", dilation=2),
-        dict(in_channels=64, out_channels=128, kernel_size=3, padding=1, groups=4, padding_mode="reflect"),
-        dict(in_channels=64, out_channels=64, kernel_size=5, padding=2, groups=64, padding_mode="circular"),
+        dict(in_channels=128, out_channels=96, kernel_size=3, padding=1),
+        dict(in_channels=160, out_channels=64, kernel_size=3, stride=2, padding=1),
+        dict(in_channels=128, out_channels=64, kernel_size=(2, 3), padding="same", dilation=2),
+        dict(in_channels=128, out_channels=192, kernel_size=3, padding=1, groups=4, padding_mode="reflect"),
+        dict(in_channels=128, out_channels=128, kernel_size=5, padding=2, groups=128, padding_mode="circular"),
         dict(in_channels=128, out_channels=64, kernel_size=1, bias=False),
     ],
 )
@@ -109,9 +109,9 @@ def test_inference_gather_matches_training_gather_and_convolution(kwargs, batch)
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_empty_batch_gives_an_empty_output_like_conv(stride):
-    conv = nn.Conv2d(64, 32, 3, stride=stride, padding=1)
+    conv = nn.Conv2d(128, 32, 3, stride=stride, padding=1)
     layer = ConvAttention2d.from_conv(conv)
-    x = torch.randn(0, 64, 6, 6)
+    x = torch.randn(0, 128, 6, 6)
     with torch.no_grad():
         assert layer(x).shape == conv(x).shape
     assert layer(x).shape == conv(x).shape

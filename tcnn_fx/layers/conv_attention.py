@@ -195,17 +195,18 @@ ONEDNN_GATHER_IMAGES = 8
 def _gathers_with_onednn(values: Tensor) -> bool:
     """Whether the gather runs as oneDNN grouped convolutions rather than ``torch.bmm``.
 
-    Same product; in float32 inference on the CPU with at least 64 channels
+    Same product; in float32 inference on the CPU with at least 128 channels
     oneDNN's kernels outrun the BLAS (measured on AVX-512 at 8 images: 1.4-3x
-    for 128 and more channels, 0.9-2.2x at 64, slower below, and slower in
-    backward passes, so training keeps ``bmm``).  Captured graphs keep
+    for 128 and more channels, 0.9-2.2x at 64, where a CIFAR ResNet as a
+    whole ran slower, slower below, and slower in backward passes, so
+    training keeps ``bmm``).  Captured graphs keep
     ``bmm`` too: the grouped form bakes the batch size into the graph.
     """
     return (
         values.device.type == "cpu"
         and values.dtype == torch.float32
         and values.shape[0] > 0
-        and values.shape[1] >= 64
+        and values.shape[1] >= 128
         and not torch.is_grad_enabled()
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
