@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from tcnn_fx.rewrite import rewrite
 from tcnn_fx.search.space import SearchSpace
-from tcnn_fx.training import Recipe, finetune
+from tcnn_fx.training import FinetuneResult, Recipe, finetune
 
 
 @dataclass
@@ -36,18 +36,27 @@ class CandidateEvaluator:
     rounds: int = 10
 
     def __call__(self, mask: tuple[bool, ...], objective: str) -> float:
-        hybrid = rewrite(self.model, self.space.policy(mask), self.example_inputs)
         if objective == "latency_ratio":
             from tcnn_fx.export.bench import bench
 
             shape = tuple(self.example_inputs[0].shape[1:])
             (row,) = bench(
-                self.model, hybrid.eval(), shape, batches=(self.batch,), runtimes=(self.runtime,), rounds=self.rounds
+                self.model, self.hybrid(mask).eval(), shape, batches=(self.batch,), runtimes=(self.runtime,),
+                rounds=self.rounds,
             )
             return row.ratio
         if objective == "accuracy":
-            if self.train is None or self.evaluation is None or self.recipe is None:
-                raise ValueError("the accuracy objective needs training data, evaluation data and a recipe")
-            torch.manual_seed(self.recipe.seed)
-            return finetune(hybrid, self.train, self.evaluation, self.recipe, progress=False).final_top1
+            return self.finetuned(mask).final_top1
         raise ValueError(f"cannot measure {objective!r}; measured objectives are latency_ratio and accuracy")
+
+    def hybrid(self, mask: tuple[bool, ...]) -> nn.Module:
+        """The model with the sites of ``mask`` converted."""
+        return rewrite(self.model, self.space.policy(mask), self.example_inputs)
+
+    def finetuned(self, mask: tuple[bool, ...]) -> FinetuneResult:
+        """The hybrid of ``mask`` after the recipe's fine-tune, with its per-epoch metrics (top-1 and loss)."""
+        if self.train is None or self.evaluation is None or self.recipe is None:
+            raise ValueError("the accuracy objective needs training data, evaluation data and a recipe")
+        hybrid = self.hybrid(mask)
+        torch.manual_seed(self.recipe.seed)
+        return finetune(hybrid, self.train, self.evaluation, self.recipe, progress=False)
