@@ -36,15 +36,27 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 
 def time_side_by_side(
-    fns: Mapping[str, Callable[[], object]], *, warmup: int = 3, rounds: int = 20, synchronize: bool = False
+    fns: Mapping[str, Callable[[], object]],
+    *,
+    warmup: int = 3,
+    rounds: int = 20,
+    min_seconds: float = 0.0,
+    synchronize: bool = False,
 ) -> dict[str, Timing]:
     """Time each callable ``rounds`` times, interleaved, after ``warmup`` calls each.
 
-    ``synchronize`` waits for the CUDA device after each call, for GPU timing.
-    Returns the median, the fastest and the slowest round per name.
+    With ``min_seconds``, rounds go on until the timed calls together took
+    that long: a median of a few millisecond-long calls is otherwise at the
+    mercy of one passing disturbance (a search once measured a CNN at 1.45x
+    itself over 10 rounds of 7 ms).  ``synchronize`` waits for the
+    CUDA device after each call, for GPU timing.  Returns the median, the
+    fastest and the slowest round per name.
     """
-    if rounds < 1 or warmup < 0:
-        raise ValueError(f"rounds must be >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
+    if rounds < 1 or warmup < 0 or min_seconds < 0:
+        raise ValueError(
+            f"rounds must be >= 1, warmup and min_seconds >= 0, got rounds={rounds}, warmup={warmup}, "
+            f"min_seconds={min_seconds}"
+        )
 
     def once(fn: Callable[[], object]) -> float:
         start = time.perf_counter()
@@ -57,9 +69,13 @@ def time_side_by_side(
         for _ in range(warmup):
             once(fn)
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
+    done, elapsed = 0, 0.0
+    while fns and (done < rounds or elapsed < min_seconds):
         for name, fn in fns.items():
             samples[name].append(once(fn))
+            elapsed += samples[name][-1]
+        done += 1
     return {
-        name: Timing(statistics.median(values), min(values), max(values), rounds) for name, values in samples.items()
+        name: Timing(statistics.median(values), min(values), max(values), len(values))
+        for name, values in samples.items()
     }

@@ -26,3 +26,14 @@ def test_interleaved_timing_orders_slow_and_fast():
 def test_bad_round_counts():
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         time_side_by_side({"x": lambda: None}, rounds=0)
+
+
+def test_min_seconds_adds_rounds_until_the_calls_took_that_long():
+    fns = {"sleep": lambda: time.sleep(0.002), "nothing": lambda: None}
+    timing = time_side_by_side(fns, warmup=0, rounds=3, min_seconds=0.05)
+    assert timing["sleep"].rounds == timing["nothing"].rounds  # still interleaved, round by round
+    assert 3 < timing["sleep"].rounds <= 26  # 0.05 s of 2 ms sleeps, not 3 rounds and not thousands
+
+
+def test_no_callables_no_timings():
+    assert time_side_by_side({}, min_seconds=1.0) == {}

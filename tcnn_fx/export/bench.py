@@ -50,10 +50,13 @@ def bench(
     provider: str = "CPUExecutionProvider",
     warmup: int = 3,
     rounds: int = 20,
+    min_seconds: float = 1.0,
 ) -> list[BenchRow]:
     """Time ``model`` and ``hybrid`` (from ``tcnn_fx.rewrite``) at each batch size and runtime.
 
     ``input_shape`` is one example's shape without the batch, e.g. ``(3, 224, 224)``.
+    At least ``rounds`` interleaved rounds, more until the timed calls took
+    ``min_seconds`` together (small models take milliseconds per call).
     """
     unknown = set(runtimes) - set(RUNTIMES)
     if unknown:
@@ -78,7 +81,7 @@ def bench(
                 feeds = {session.get_inputs()[0].name: x.numpy()}
                 fns[("ort", name)] = lambda s=session, f=feeds: s.run(None, f)
             with torch.no_grad():
-                timing = time_side_by_side(fns, warmup=warmup, rounds=rounds)
+                timing = time_side_by_side(fns, warmup=warmup, rounds=rounds, min_seconds=min_seconds)
             for runtime in runtimes:
                 rows.append(
                     BenchRow(batch, runtime, timing[(runtime, "cnn")].median, timing[(runtime, "hybrid")].median, flop_ratio)
