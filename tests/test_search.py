@@ -219,3 +219,14 @@ def test_cli_search_with_the_fine_tune_proxy(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["search", "cifar:resnet20", "--out", str(out), "--objectives", "accuracy,flop_ratio"])
     assert "pass --data" in " ".join(capsys.readouterr().out.split())
+
+
+def test_candidate_latency_is_measured_against_the_cnn_and_the_cnn_is_itself(resnet20):
+    from tcnn_fx.search.evaluate import CandidateEvaluator
+
+    space = SearchSpace.build(resnet20, (X,), "stage>=2", "block")
+    evaluator = CandidateEvaluator(resnet20, (X,), space, batch=2, rounds=3)
+    assert evaluator((False, False, False), "latency_ratio") == 1.0  # nothing converted: the CNN, not measured
+    assert evaluator((False, False, True), "latency_ratio") > 1.0  # an 8x8 block of attention costs more
+    with pytest.raises(ValueError, match="needs training data"):
+        evaluator((True, False, False), "accuracy")
