@@ -372,10 +372,11 @@ def search_command(args) -> None:
         evaluator.recipe = dataclasses.replace(_recipe(args), epochs=1 if args.accuracy == "proxy" else args.epochs)
     study = run_search(space, evaluator, settings, storage, name, spec=args.model, progress=not args.quiet)
     table = Table(title=f"Pareto front of {name!r} ({fronts.summary(study)['trials']} trials)")
-    for column in ("trial", *objectives, "flop_ratio", "converted", "groups"):
+    values = (*objectives, *(() if "flop_ratio" in objectives else ("flop_ratio",)))
+    for column in ("trial", *values, "converted", "groups"):
         table.add_column(column, justify="left" if column == "groups" else "right")
     for row in fronts.front(study):
-        cells = [f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in (*objectives, "flop_ratio")]
+        cells = [f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in values]
         table.add_row(str(row["trial"]), *cells, str(row["converted"]), row["groups"][:80])
     console.print(table)
     written = fronts.write(study, out)
