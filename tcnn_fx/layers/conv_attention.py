@@ -199,8 +199,8 @@ def _gathers_with_onednn(values: Tensor) -> bool:
     oneDNN's kernels outrun the BLAS (measured on AVX-512 at 8 images: 1.4-3x
     for 128 and more channels, 0.9-2.2x at 64, where a CIFAR ResNet as a
     whole ran slower, slower below, and slower in backward passes, so
-    training keeps ``bmm``).  Captured graphs keep
-    ``bmm`` too: the grouped form bakes the batch size into the graph.
+    training keeps ``bmm``).  Captured graphs keep ``bmm`` too: the grouped
+    form bakes the batch size into the graph.
     """
     return (
         values.device.type == "cpu"
