@@ -523,14 +523,15 @@ class ConvAttention2d(nn.Module):
         return torch.addcmul(base, content, weight, out=content if in_place else None)
 
     def forward(self, x: Tensor) -> Tensor:
-        if _gathers_with_onednn(x) and x.shape[0] > ONEDNN_GATHER_IMAGES:
+        onednn = _gathers_with_onednn(x)
+        if onednn and x.shape[0] > ONEDNN_GATHER_IMAGES:
             # A few images at a time: oneDNN's grouped product is fastest so (ONEDNN_GATHER_IMAGES),
             # and the attention maps held at once stay those of a few images.
             return torch.cat([self(chunk) for chunk in x.split(ONEDNN_GATHER_IMAGES)])
         values, positional, content, weight, (out_h, out_w) = self._attend(x)
         # In eager inference the mix overwrites the content map: one large allocation fewer.
         combined = self._mix(positional, content, weight, in_place=not (torch.is_grad_enabled() or _capturing()))
-        gather = _gather_onednn if _gathers_with_onednn(values) else _gather_bmm
+        gather = _gather_onednn if onednn else _gather_bmm
         out = self._project(gather(values, combined)).reshape(x.shape[0], self.out_channels, out_h, out_w)
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             return out.contiguous(memory_format=torch.channels_last)  # as nn.Conv2d answers channels-last input
