@@ -5,12 +5,19 @@ autograd (so the layer reuses its positional attention), float32 on the CPU.
 The table says for each shape the latency ratio, the FLOP ratio (the limit of
 this construction: attention does more arithmetic than the convolution) and
 the achieved FLOP/s of each; the target is that the layer achieves at least
-80% of the convolution's FLOP/s at 7x7 and 14x14.  It also times the
-attention's gather (every head applied to every channel) both ways the layer
-runs it: as a oneDNN grouped convolution (inference) and as ``torch.bmm`` on
-the BLAS (training, captured graphs).
+80% of the convolution's FLOP/s at 7x7 and 14x14.
 
-    python benchmarks/conv_attention_speed.py [--batch 8] [--rounds 30] [--runtime torch|ort] [--json out.json]
+Runtimes: ``torch`` is the layer as it runs by default, with its compiled CPU
+kernel (``tcnn_fx.layers.native``: scores, softmax, mix and gather in one pass)
+where that could be built; ``torch-ops`` the layer composed from PyTorch
+operators alone (``TCNN_FX_NATIVE=0``); ``ort`` both exported to ONNX and run by
+ONNX Runtime.  It also times, at 14x14 and C=256, the attention's gather (every
+head applied to every channel) each way the layer runs it: the compiled kernel
+(with the content scores, softmax and mix it fuses), a oneDNN grouped
+convolution (inference without the kernel) and ``torch.bmm`` on the BLAS
+(training, captured graphs).
+
+    python benchmarks/conv_attention_speed.py [--batch 8] [--rounds 30] [--runtime torch|torch-ops|ort] [--json out.json]
 
 The layer allocates large attention maps each call; glibc returns such blocks
 to the system and faults them in again on the next call.  PyTorch's CPU
@@ -37,6 +44,7 @@ from torch import nn
 from tcnn_fx import ConvAttention2d
 from tcnn_fx.export import to_onnx
 from tcnn_fx.export.onnx import _session
+from tcnn_fx.layers import native
 from tcnn_fx.layers.conv_attention import _gather_bmm, _gather_onednn
 from tcnn_fx.timing import count_flops, time_side_by_side
 
@@ -90,18 +98,26 @@ def measure(channels: int, resolution: int, stride: int, batch: int, rounds: int
 
 
 def gather_rates(rounds: int) -> dict:
-    """GFLOP/s of the gather at the 14x14, C=256 shape, batch 8, both ways the layer runs it.
+    """GFLOP/s of the gather at the 14x14, C=256 shape, batch 8, each way the layer runs it.
 
-    Inference (no autograd, float32 CPU) runs it as oneDNN grouped
-    convolutions, training and captured graphs as ``torch.bmm`` on the BLAS.
+    Inference (no autograd, float32 CPU) runs it in the compiled kernel, which
+    also computes the content scores (counted here) and their softmax and mix,
+    or without the kernel as oneDNN grouped convolutions; training and captured
+    graphs as ``torch.bmm`` on the BLAS.
     """
-    values, maps = torch.randn(8, 256, 14, 14), torch.rand(8, 9, 196, 196)
+    heads, queries, channels, dim = 9, 196, 256, 28
+    values, maps = torch.randn(8, channels, 14, 14), torch.rand(8, heads, queries, queries)
+    runners = {"bmm": lambda: _gather_bmm(values, maps), "onednn": lambda: _gather_onednn(values, maps)}
+    kernel = native.attend_gather() if native.enabled() else None
+    if kernel is not None:
+        q, k = torch.randn(8, heads * dim, queries), torch.randn(8, heads * dim, queries)
+        base, weight = torch.rand(heads, queries, 224), torch.full((heads,), 0.5)
+        runners["kernel"] = lambda: kernel(q, k, values.flatten(2), base, weight, heads)
     with torch.no_grad():
-        timing = time_side_by_side(
-            {"bmm": lambda: _gather_bmm(values, maps), "onednn": lambda: _gather_onednn(values, maps)}, rounds=rounds
-        )
-    flops = 2 * 8 * 9 * 196 * 196 * 256
-    return {f"{name}_gflops": flops / timing[name].median / 1e9 for name in ("bmm", "onednn")}
+        timing = time_side_by_side(runners, rounds=rounds)
+    gather = 2 * 8 * heads * queries * queries * channels
+    flops = {"bmm": gather, "onednn": gather, "kernel": gather + 2 * 8 * heads * queries * queries * dim}
+    return {f"{name}_gflops": flops[name] / timing[name].median / 1e9 for name in runners}
 
 
 def machine() -> dict:
@@ -146,14 +162,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--runtime", choices=["torch", "ort"], default="torch",
-                        help="PyTorch eager, or both exported to ONNX and run by ONNX Runtime (CPU)")
+    parser.add_argument("--runtime", choices=["torch", "torch-ops", "ort"], default="torch",
+                        help="PyTorch eager (with the compiled kernel where built), PyTorch operators alone, or both "
+                        "exported to ONNX and run by ONNX Runtime (CPU)")
     args = parser.parse_args()
-    rows = [measure(c, r, s, args.batch, args.rounds, args.runtime) for c, r, s in SHAPES]
-    report = {"machine": machine(), "gather": gather_rates(args.rounds), "results": rows}
+    if args.runtime == "torch-ops":
+        os.environ[native.SETTING] = "0"
+    runtime = "ort" if args.runtime == "ort" else "torch"
+    rows = [measure(c, r, s, args.batch, args.rounds, runtime) for c, r, s in SHAPES]
+    kernel = runtime == "torch" and native.enabled() and native.attend_gather() is not None
+    report = {"machine": machine() | {"compiled_kernel": kernel}, "gather": gather_rates(args.rounds), "results": rows}
     print(json.dumps(report["machine"]))
-    rates = report["gather"]
-    print(f"gather at 14x14, C=256: oneDNN {rates['onednn_gflops']:.0f} GFLOP/s, bmm {rates['bmm_gflops']:.0f} GFLOP/s")
+    rates = " ".join(f"{name.removesuffix('_gflops')} {rate:.0f}" for name, rate in report["gather"].items())
+    print(f"gather at 14x14, C=256, GFLOP/s: {rates}")
     print(markdown(rows))
     if args.json:
         with open(args.json, "w") as out:

@@ -83,12 +83,16 @@ def test_channels_last_input_gives_channels_last_output_like_conv():
         dict(in_channels=128, out_channels=64, kernel_size=1, bias=False),
     ],
 )
-@pytest.mark.parametrize("batch", [1, 3, 11])  # 11: more than one oneDNN call
-def test_inference_gather_matches_training_gather_and_convolution(kwargs, batch):
-    # Wide float32 layers gather with a oneDNN grouped convolution in inference and with bmm under
-    # autograd; both must give the convolution, and the convolution is what the projection reproduces.
+@pytest.mark.parametrize("batch", [1, 3, 11])  # 11: more than one call
+@pytest.mark.parametrize("kernel", [True, False])
+def test_inference_gather_matches_training_gather_and_convolution(kwargs, batch, kernel, monkeypatch):
+    # Float32 layers gather in the compiled kernel in inference, or without it (TCNN_FX_NATIVE=0) with a
+    # oneDNN grouped convolution when wide, and with bmm under autograd; all must give the convolution.
+    from tcnn_fx.layers import native
     from tcnn_fx.layers.conv_attention import _gathers_with_onednn
 
+    if not kernel:
+        monkeypatch.setenv(native.SETTING, "0")
     torch.manual_seed(0)
     conv = nn.Conv2d(**kwargs)
     layer = ConvAttention2d.from_conv(conv)

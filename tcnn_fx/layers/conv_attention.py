@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune, skip_init
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from tcnn_fx.layers import native
 from tcnn_fx.layers.conv_geometry import ConvGeometry
 from tcnn_fx.layers.positional import positional_attention, relative_offsets
 from tcnn_fx.settings import DictSettings
@@ -170,9 +171,7 @@ def conv2d_mismatch(conv: nn.Conv2d) -> str | None:
 def _reject_unsupported(conv: nn.Module) -> None:
     """Raise a clear error for a module that ``from_conv`` cannot reproduce exactly."""
     if isinstance(conv, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-        raise TypeError(
-            f"{type(conv).__name__} is a transposed convolution; ConvAttention2d reproduces nn.Conv2d only"
-        )
+        raise TypeError(f"{type(conv).__name__} is a transposed convolution; ConvAttention2d reproduces nn.Conv2d only")
     if isinstance(conv, (nn.Conv1d, nn.Conv3d)):
         raise TypeError(f"{type(conv).__name__} is not 2-d; ConvAttention2d reproduces nn.Conv2d only")
     if not isinstance(conv, nn.Conv2d):
@@ -183,13 +182,18 @@ def _reject_unsupported(conv: nn.Module) -> None:
     if reason is not None:
         raise ValueError(f"{type(conv).__name__} {reason}")
     if conv.weight.is_complex():
-        raise TypeError(f"{type(conv).__name__}.weight is complex ({conv.weight.dtype}); only real dtypes are supported")
+        raise TypeError(
+            f"{type(conv).__name__}.weight is complex ({conv.weight.dtype}); only real dtypes are supported"
+        )
 
 
-#: Images per oneDNN gather call (the layer runs larger batches in chunks of this many): measured
-#: over batches of 64-256 and 64-256 channels, 8 per call ran 1.4-3.9x faster than ``torch.bmm``,
-#: while one call for a whole batch of 128 or more ran slower than ``torch.bmm``.
-ONEDNN_GATHER_IMAGES = 8
+#: Images per call in CPU inference (the layer runs larger batches in chunks of this many).  For the
+#: oneDNN gather, measured over batches of 64-256 and 64-256 channels, 8 per call ran 1.4-3.9x faster
+#: than ``torch.bmm``, while one call for a whole batch of 128 or more ran slower than ``torch.bmm``;
+#: for the compiled kernel it bounds the gathered taps held at once (heads times the input's size).
+INFERENCE_IMAGES = 8
+#: The compiled kernel's softmax is base 2: queries are scaled by log2(e) to compensate.
+LOG2_E = math.log2(math.e)
 
 
 def _gathers_with_onednn(values: Tensor) -> bool:
@@ -212,6 +216,19 @@ def _gathers_with_onednn(values: Tensor) -> bool:
         and torch.backends.mkldnn.enabled
         and not _capturing()
     )
+
+
+def _inference_kernel(x: Tensor):
+    """The compiled attention-and-gather kernel (``tcnn_fx.layers.native``) if it serves ``x``, else ``None``.
+
+    Float32 CPU inference outside tracing and compilation, where the kernel is
+    enabled and could be built.
+    """
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[0] == 0:
+        return None
+    if torch.is_grad_enabled() or _capturing():
+        return None
+    return native.attend_gather()
 
 
 def _gather_bmm(values: Tensor, maps: Tensor) -> Tensor:
@@ -293,7 +310,7 @@ class ConvAttention2d(nn.Module):
         self.locality = nn.Parameter(torch.empty(heads, **factory))
         self.gate = nn.Parameter(torch.empty(heads, **factory))
         self.reset_parameters()
-        self._positional_cache: tuple[tuple, Tensor] | None = None
+        self._caches: dict[str, tuple[tuple, Tensor]] = {}
 
     def reset_parameters(self) -> None:
         """A random convolution (``nn.Conv2d``'s initialisation) and the attention at its initial state."""
@@ -454,11 +471,36 @@ class ConvAttention2d(nn.Module):
 
         if _capturing() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             return compute()
-        key = (height, width, dtype) + tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if self._positional_cache is None or self._positional_cache[0] != key:
+        return self._cached("positional", (height, width, dtype, *params), compute)
+
+    def _cached(self, slot: str, key: tuple, compute) -> Tensor:
+        """``compute()`` (without autograd), reused while ``key`` is unchanged; one entry per ``slot``.
+
+        Parameters in ``key`` count by storage, version, dtype and device, so
+        optimiser steps, loads and moves invalidate the entry.
+        """
+        key = tuple((k.data_ptr(), k._version, k.dtype, k.device) if isinstance(k, Tensor) else k for k in key)
+        entry = self._caches.get(slot)
+        if entry is None or entry[0] != key:
             with torch.no_grad():
-                self._positional_cache = (key, compute())
-        return self._positional_cache[1]
+                entry = self._caches[slot] = (key, compute())
+        return entry[1]
+
+    def _kernel_maps(self, height: int, width: int) -> tuple[Tensor, Tensor]:
+        """The compiled kernel's positional operand and content weights, reused while nothing they depend on moves.
+
+        ``(1 - w) * positional`` per head, transposed to ``(heads, keys,
+        queries)`` and zero-padded to a multiple of 32 queries (a block of the
+        kernel), and ``w``.
+        """
+
+        def compute() -> Tensor:
+            weight = self.content_weight().float()
+            base = self._positional(height, width, torch.float32) * (1 - weight)[:, None, None]
+            return F.pad(base.transpose(1, 2), (0, -base.shape[1] % 32)).contiguous()
+
+        params = (self.centres, self.locality, self.gate)
+        return self._cached("kernel", (height, width, *params), compute), self.content_weight().float().contiguous()
 
     def _pixels(self, x: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
         """Query pixels ``(B, C, out_h, out_w)`` and key/value pixels ``(B, C, rows, columns)``, output size.
@@ -488,16 +530,19 @@ class ConvAttention2d(nn.Module):
         queries = source[:, :, origin[0] :: g.stride[0], origin[1] :: g.stride[1]][:, :, :out_h, :out_w]
         return queries, keys, (out_h, out_w)
 
-    def _content(self, queries: Tensor, keys: Tensor) -> Tensor:
-        """Content attention ``(B, heads, queries, keys)``: softmax of scaled query-key products."""
-        heads, dim = self.num_heads, self.qk_dim
-        query_weight = (self.query_weight * dim**-0.5)[:, :, None, None]
+    def _queries_keys(self, queries: Tensor, keys: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+        """Content queries and keys ``(B, heads * qk_dim, pixels)``, queries scaled by ``scale / sqrt(qk_dim)``."""
+        query_weight = (self.query_weight * (scale * self.qk_dim**-0.5))[:, :, None, None]
         key_weight = self.key_weight[:, :, None, None]
         if queries is keys:  # one product for both
-            q, k = F.conv2d(keys, torch.cat([query_weight, key_weight])).split(heads * dim, dim=1)
-        else:
-            q, k = F.conv2d(queries, query_weight), F.conv2d(keys, key_weight)
-        q, k = q.flatten(2).unflatten(1, (heads, dim)), k.flatten(2).unflatten(1, (heads, dim))  # (B, heads, dim, pixels)
+            both = F.conv2d(keys, torch.cat([query_weight, key_weight])).flatten(2)
+            return both.split(self.num_heads * self.qk_dim, dim=1)
+        return F.conv2d(queries, query_weight).flatten(2), F.conv2d(keys, key_weight).flatten(2)
+
+    def _content(self, queries: Tensor, keys: Tensor) -> Tensor:
+        """Content attention ``(B, heads, queries, keys)``: softmax of scaled query-key products."""
+        heads_dim = (self.num_heads, self.qk_dim)
+        q, k = (t.unflatten(1, heads_dim) for t in self._queries_keys(queries, keys))  # (B, heads, dim, pixels)
         scores = torch.matmul(q.transpose(-1, -2), k)
         return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(queries.dtype)
 
@@ -523,19 +568,34 @@ class ConvAttention2d(nn.Module):
         return torch.addcmul(base, content, weight, out=content if in_place else None)
 
     def forward(self, x: Tensor) -> Tensor:
-        onednn = _gathers_with_onednn(x)
-        if onednn and x.shape[0] > ONEDNN_GATHER_IMAGES:
-            # A few images at a time: oneDNN's grouped product is fastest so (ONEDNN_GATHER_IMAGES),
-            # and the attention maps held at once stay those of a few images.
-            return torch.cat([self(chunk) for chunk in x.split(ONEDNN_GATHER_IMAGES)])
-        values, positional, content, weight, (out_h, out_w) = self._attend(x)
-        # In eager inference the mix overwrites the content map: one large allocation fewer.
-        combined = self._mix(positional, content, weight, in_place=not (torch.is_grad_enabled() or _capturing()))
-        gather = _gather_onednn if onednn else _gather_bmm
-        out = self._project(gather(values, combined)).reshape(x.shape[0], self.out_channels, out_h, out_w)
+        kernel = _inference_kernel(x)
+        onednn = kernel is None and _gathers_with_onednn(x)
+        if (kernel is not None or onednn) and x.shape[0] > INFERENCE_IMAGES:
+            # A few images at a time (INFERENCE_IMAGES): the gathered taps held at once stay those of a few images.
+            return torch.cat([self(chunk) for chunk in x.split(INFERENCE_IMAGES)])
+        if kernel is not None:
+            gathered, (out_h, out_w) = self._attend_gather(x, kernel)
+        else:
+            values, positional, content, weight, (out_h, out_w) = self._attend(x)
+            # In eager inference the mix overwrites the content map: one large allocation fewer.
+            combined = self._mix(positional, content, weight, in_place=not (torch.is_grad_enabled() or _capturing()))
+            gathered = (_gather_onednn if onednn else _gather_bmm)(values, combined)
+        out = self._project(gathered).reshape(x.shape[0], self.out_channels, out_h, out_w)
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             return out.contiguous(memory_format=torch.channels_last)  # as nn.Conv2d answers channels-last input
         return out.contiguous()
+
+    def _attend_gather(self, x: Tensor, kernel) -> tuple[Tensor, tuple[int, int]]:
+        """What ``_attend``, ``_mix`` and ``_gather_onednn`` compute, in one compiled pass; and the output size.
+
+        The kernel (``tcnn_fx.layers.native``) computes content scores, softmax,
+        mix and gather per block of queries without writing the attention maps
+        to memory.
+        """
+        queries, keys, out_size = self._pixels(x)
+        q, k = self._queries_keys(queries, keys, scale=LOG2_E)
+        base, weight = self._kernel_maps(x.shape[-2], x.shape[-1])
+        return kernel(q, k, keys.flatten(2), base, weight, self.num_heads).unsqueeze(0), out_size
 
     def _project(self, gathered: Tensor) -> Tensor:
         """Every head's output projection of its gathered channels: ``(images, C_out, queries)``.

@@ -1,0 +1,121 @@
+"""The compiled CPU kernel for ConvAttention2d inference: same function as the composed operators, safe fallback."""
+
+import copy
+import shutil
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import conv_cases
+from torch import nn
+
+from tcnn_fx import ConvAttention2d, ConvAttentionConfig
+from tcnn_fx.layers import native
+
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler to build the kernel")
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def composed(layer: nn.Module, x: torch.Tensor, monkeypatch) -> torch.Tensor:
+    """The layer's inference output from PyTorch operators alone."""
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setenv(native.SETTING, "0")
+        return layer(x)
+
+
+@needs_compiler
+def test_kernel_builds_where_a_compiler_is():
+    assert native.attend_gather() is not None
+
+
+@needs_compiler
+@settings(max_examples=150, deadline=None)
+@given(case=conv_cases(), gate=st.floats(0.05, 1.0), qk_dim=st.sampled_from([None, 1, 5, 16]))
+def test_kernel_equals_composed_operators_with_content_attention_on(case, gate, qk_dim):
+    layer = ConvAttention2d.from_conv(case.conv(), ConvAttentionConfig(qk_dim=qk_dim))
+    x = case.input()
+    with torch.no_grad():
+        layer.gate.fill_(gate)
+        layer.centres.add_(0.3)  # soft positional maps: every key contributes
+        layer.locality.fill_(0.7)
+        fused = layer(x)
+        reference = copy.deepcopy(layer).double()(x.double())  # float64: composed operators
+    with pytest.MonkeyPatch.context() as patch:
+        composed_ = composed(layer, x, patch)
+    assert fused.shape == reference.shape
+    # As accurate as the composed operators: large inputs make the content softmax amplify the scores'
+    # rounding (both ways), so the bound is relative to the operators' own float32 error.
+    scale = reference.abs().max().item()
+    kernel_error = (fused.double() - reference).abs().max().item()
+    operators_error = (composed_.double() - reference).abs().max().item()
+    assert kernel_error <= 4 * operators_error + 1e-6 * scale + 1e-30
+
+
+@needs_compiler
+@settings(max_examples=150, deadline=None)
+@given(case=conv_cases())
+def test_kernel_equals_convolution_at_init(case):
+    conv = case.conv()
+    layer = ConvAttention2d.from_conv(conv)
+    x = case.input()
+    with torch.no_grad():
+        expected, actual = conv(x), layer(x)
+    if expected.abs().max() == 0:  # every tap reads padding
+        assert actual.abs().max() <= 1e-6 * x.abs().max() * conv.weight.abs().sum(dim=(1, 2, 3)).max()
+    else:
+        assert relative_error(actual, expected) <= 1e-6
+
+
+@needs_compiler
+@pytest.mark.parametrize("shape", [(512, 7, 1), (512, 14, 2), (256, 14, 1), (128, 28, 1)])
+def test_kernel_at_benchmark_shapes(shape, monkeypatch):
+    # Wide layers, query blocks with and without tails (49, 196, 784 queries), the ConViT parameterisation.
+    channels, size, stride = shape
+    torch.manual_seed(0)
+    conv = nn.Conv2d(channels, channels, 3, stride=stride, padding=1)
+    x = torch.randn(2, channels, size, size)
+    exact = ConvAttention2d.from_conv(conv)
+    with torch.no_grad():
+        assert relative_error(exact(x), conv(x)) <= 1e-6
+    convit = ConvAttention2d.from_conv(conv, ConvAttentionConfig.convit())
+    with torch.no_grad():
+        fused = convit(x)
+    assert relative_error(fused, composed(convit, x, monkeypatch)) <= 1e-5
+
+
+def test_setting_zero_keeps_layers_on_operators(monkeypatch):
+    monkeypatch.setenv(native.SETTING, "0")
+    assert native.attend_gather() is None
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        assert relative_error(ConvAttention2d.from_conv(conv)(x), conv(x)) <= 1e-6
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch):
+    def fail(**_):
+        raise RuntimeError("Error building extension 'tcnn_fx_attend_gather': no compiler")
+
+    monkeypatch.setattr(native._cpp_extension(), "load", fail)
+    native._module.cache_clear()
+    try:
+        conv = nn.Conv2d(8, 8, 3, padding=1)
+        layer = ConvAttention2d.from_conv(conv)
+        x = torch.randn(2, 8, 6, 6)
+        with (
+            pytest.warns(RuntimeWarning, match="could not build its CPU attention kernel.*no compiler"),
+            torch.no_grad(),
+        ):
+            out = layer(x)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("error")  # the failure is remembered: no second build, no second warning
+            again = layer(x)
+        assert relative_error(out, conv(x)) <= 1e-6
+        assert torch.equal(out, again)
+    finally:
+        native._module.cache_clear()  # later tests load the real build again
