@@ -111,7 +111,8 @@ def gather_rates(rounds: int) -> dict:
     kernel = native.attend_gather() if native.enabled() else None
     if kernel is not None:
         q, k = torch.randn(8, heads * dim, queries), torch.randn(8, heads * dim, queries)
-        base, weight = torch.rand(heads, queries, 224), torch.full((heads,), 0.5)
+        padded = -(-queries // native.QUERY_BLOCK) * native.QUERY_BLOCK
+        base, weight = torch.rand(heads, queries, padded), torch.full((heads,), 0.5)
         runners["kernel"] = lambda: kernel(q, k, values.flatten(2), base, weight, heads)
     with torch.no_grad():
         timing = time_side_by_side(runners, rounds=rounds)

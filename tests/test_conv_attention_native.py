@@ -2,6 +2,7 @@
 
 import copy
 import shutil
+import statistics
 import warnings
 
 import pytest
@@ -21,6 +22,15 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
+def opened(layer: ConvAttention2d, gate: float) -> ConvAttention2d:
+    """``layer`` with content attention mixed in and soft positional maps (every key contributes)."""
+    with torch.no_grad():
+        layer.gate.fill_(gate)
+        layer.centres.add_(0.3)
+        layer.locality.fill_(0.7)
+    return layer
+
+
 def composed(layer: nn.Module, x: torch.Tensor, monkeypatch) -> torch.Tensor:
     """The layer's inference output from PyTorch operators alone."""
     with monkeypatch.context() as patch, torch.no_grad():
@@ -37,23 +47,35 @@ def test_kernel_builds_where_a_compiler_is():
 @settings(max_examples=150, deadline=None)
 @given(case=conv_cases(), gate=st.floats(0.05, 1.0), qk_dim=st.sampled_from([None, 1, 5, 16]))
 def test_kernel_equals_composed_operators_with_content_attention_on(case, gate, qk_dim):
-    layer = ConvAttention2d.from_conv(case.conv(), ConvAttentionConfig(qk_dim=qk_dim))
-    x = case.input()
+    layer = opened(ConvAttention2d.from_conv(case.conv(), ConvAttentionConfig(qk_dim=qk_dim)), gate)
+    x = case.input() / max(case.magnitude, 1.0)  # large inputs: next test
     with torch.no_grad():
-        layer.gate.fill_(gate)
-        layer.centres.add_(0.3)  # soft positional maps: every key contributes
-        layer.locality.fill_(0.7)
         fused = layer(x)
-        reference = copy.deepcopy(layer).double()(x.double())  # float64: composed operators
     with pytest.MonkeyPatch.context() as patch:
-        composed_ = composed(layer, x, patch)
-    assert fused.shape == reference.shape
-    # As accurate as the composed operators: large inputs make the content softmax amplify the scores'
-    # rounding (both ways), so the bound is relative to the operators' own float32 error.
-    scale = reference.abs().max().item()
-    kernel_error = (fused.double() - reference).abs().max().item()
-    operators_error = (composed_.double() - reference).abs().max().item()
-    assert kernel_error <= 4 * operators_error + 1e-6 * scale + 1e-30
+        expected = composed(layer, x, patch)
+    assert fused.shape == expected.shape
+    assert (fused - expected).abs().max() <= 1e-5 * expected.abs().max() + 1e-30
+
+
+@needs_compiler
+def test_kernel_is_as_accurate_as_operators_on_large_inputs(monkeypatch):
+    # Inputs scaled by 100 make the content softmax nearly an argmax: float32 rounding of near-tied
+    # scores shows in the output on both paths (1e-5 relative is typical). Against float64, over many
+    # layers, the kernel is no less accurate than the composed operators.
+    kernel_errors, operator_errors = [], []
+    for seed in range(24):
+        torch.manual_seed(seed)
+        channels, size = 2 + seed % 15, 3 + seed % 8
+        layer = opened(ConvAttention2d.from_conv(nn.Conv2d(channels, channels, 3, padding=1)), 1.0)
+        x = torch.randn(2, channels, size, size) * 100
+        with torch.no_grad():
+            fused = layer(x)
+            reference = copy.deepcopy(layer).double()(x.double())  # float64: composed operators
+        scale = reference.abs().max()
+        kernel_errors.append(((fused.double() - reference).abs().max() / scale).item())
+        operator_errors.append(((composed(layer, x, monkeypatch).double() - reference).abs().max() / scale).item())
+    assert statistics.median(kernel_errors) <= 2 * statistics.median(operator_errors)
+    assert max(kernel_errors) <= 1e-3
 
 
 @needs_compiler

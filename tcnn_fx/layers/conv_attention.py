@@ -490,14 +490,14 @@ class ConvAttention2d(nn.Module):
         """The compiled kernel's positional operand and content weights, reused while nothing they depend on moves.
 
         ``(1 - w) * positional`` per head, transposed to ``(heads, keys,
-        queries)`` and zero-padded to a multiple of 32 queries (a block of the
-        kernel), and ``w``.
+        queries)`` and zero-padded to whole blocks of the kernel's queries, and
+        ``w``.
         """
 
         def compute() -> Tensor:
             weight = self.content_weight().float()
             base = self._positional(height, width, torch.float32) * (1 - weight)[:, None, None]
-            return F.pad(base.transpose(1, 2), (0, -base.shape[1] % 32)).contiguous()
+            return F.pad(base.transpose(1, 2), (0, -base.shape[1] % native.QUERY_BLOCK)).contiguous()
 
         params = (self.centres, self.locality, self.gate)
         return self._cached("kernel", (height, width, *params), compute), self.content_weight().float().contiguous()

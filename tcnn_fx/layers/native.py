@@ -38,6 +38,8 @@ SIMD_FLAGS = {
     "AVX2": ["-mavx2", "-mfma"],
 }
 BUILD_ERRORS = (RuntimeError, OSError, ImportError, subprocess.CalledProcessError)
+#: Queries per block of the kernel: its positional operand is zero-padded to a multiple of this many queries.
+QUERY_BLOCK = 48
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,7 @@ def attend_gather() -> Callable | None:
     and ``k`` ``(B, heads * d, K)`` with any strides, queries scaled by
     ``log2(e) / sqrt(d)``; ``values`` ``(B, C, K)`` with unit stride along the keys;
     ``base_t`` ``(heads, K, Qpad)``: each head's positional map times
-    ``1 - weight``, transposed, zero-padded to a multiple of 32 queries;
+    ``1 - weight``, transposed, zero-padded to a multiple of ``QUERY_BLOCK`` queries;
     ``weight`` ``(heads,)``, the content weights.  Returns ``(C, B * heads, Q)``,
     float32 CPU tensors throughout.
     """

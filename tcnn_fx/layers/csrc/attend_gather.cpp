@@ -17,9 +17,10 @@ namespace {
 typedef float vf __attribute__((vector_size(64), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(64)));
 constexpr int64_t LANES = 16;
-constexpr int64_t BLOCK = 2 * LANES;  // queries per block: two vectors
+constexpr int64_t MAX_VECTORS = 3;
+constexpr int64_t BLOCK = MAX_VECTORS * LANES;  // queries per block (tiles of 8 rows x 3 vectors: 24 accumulators)
 constexpr int64_t KEY_TILE = 8;
-constexpr int64_t CHANNEL_TILE = 12;
+constexpr int64_t CHANNEL_TILE = 8;
 
 inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof(v)); return v; }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
@@ -123,7 +124,7 @@ void attend_block(const Head& head, const Sizes& n, int64_t q0, int64_t used, fl
 }  // namespace
 
 // q: (B, heads * dim, Q), k: (B, heads * dim, K), values: (B, C, K), each with unit stride along pixels
-// and rows of its pixels; base_t: (heads, K, Qpad), Qpad a multiple of 32 >= Q; weight: (heads,).
+// and rows of its pixels; base_t: (heads, K, Qpad), Qpad a multiple of 48 >= Q; weight: (heads,).
 // Returns (C, B * heads, Q): row c, column (b * heads + h) * Q + q is head h's attention for query q
 // of image b applied to channel c.
 torch::Tensor attend_gather(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& values,
@@ -156,10 +157,14 @@ torch::Tensor attend_gather(const torch::Tensor& q, const torch::Tensor& k, cons
                       base_ptr + h * keys * padded,
                       w_ptr[h],
                       out_ptr + task * queries};
-      int64_t q0 = 0;
-      for (; queries - q0 > LANES; q0 += BLOCK)
-        attend_block<2>(head, n, q0, std::min(BLOCK, queries - q0), block_queries.data(), maps.data());
-      if (q0 < queries) attend_block<1>(head, n, q0, queries - q0, block_queries.data(), maps.data());
+      for (int64_t q0 = 0; q0 < queries; q0 += BLOCK) {
+        const int64_t used = std::min(BLOCK, queries - q0);
+        switch ((used + LANES - 1) / LANES) {  // vectors this block needs
+          case 3: attend_block<3>(head, n, q0, used, block_queries.data(), maps.data()); break;
+          case 2: attend_block<2>(head, n, q0, used, block_queries.data(), maps.data()); break;
+          default: attend_block<1>(head, n, q0, used, block_queries.data(), maps.data());
+        }
+      }
     }
   });
   return out;
