@@ -4,6 +4,7 @@ two workers), the front and its policies, the CLI."""
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import optuna
@@ -12,6 +13,7 @@ import torch
 from imagefolders import write_imagefolder
 
 import tcnn_fx
+import tcnn_fx.search.study
 from tcnn_fx.cli import main
 from tcnn_fx.policy import Policy
 from tcnn_fx.search import Constraints, SearchSettings, SearchSpace, load_study, run_search
@@ -156,6 +158,25 @@ def test_two_workers_share_one_study(tmp_path):
     numbers = [t.number for t in study.trials]
     assert len(numbers) == 48 and sorted(numbers) == list(range(48))  # every trial run once, by one worker
     assert sum("seed_point" in t.user_attrs for t in study.trials) == 2
+
+
+def test_a_worker_waits_for_the_study_description_and_stops_waiting_for_a_dead_one(space, tmp_path, monkeypatch):
+    # Another worker created the study and is still describing it: this one must wait, not misread it.
+    storage = str(tmp_path / "s.journal")
+    created = optuna.create_study(study_name="s", storage=tcnn_fx.search.open_storage(storage),
+                                  directions=["maximize", "minimize"])  # fmt: skip
+    created.set_user_attr("space", space.signature)  # half described
+    finish = threading.Timer(0.5, lambda: [created.set_user_attr(k, v) for k, v in {
+        "objectives": list(SETTINGS.objectives), "base_policy": space.base_policy, "grouping": space.grouping,
+        "spec": None, "groups": [[g.label, list(g.sites)] for g in space.groups]}.items()])  # fmt: skip
+    finish.start()
+    study = load_study(space, SETTINGS, storage, "s")
+    finish.join()
+    assert study.user_attrs["grouping"] == space.grouping
+    optuna.create_study(study_name="dead", storage=tcnn_fx.search.open_storage(storage))
+    monkeypatch.setattr(tcnn_fx.search.study, "STUDY_SETUP_TIMEOUT", 0.3)
+    with pytest.raises(ValueError, match="'dead' .* never fully set up"):
+        load_study(space, SETTINGS, storage, "dead")
 
 
 def test_front_files_policies_replay_and_plot(resnet20, space, tmp_path):

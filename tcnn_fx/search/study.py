@@ -16,6 +16,7 @@ reason, and the search goes on.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,6 +29,8 @@ from tcnn_fx.search.space import SearchSpace
 #: objective name -> direction.  accuracy is measured; the ratios are hybrid / CNN.
 OBJECTIVES = {"accuracy": "maximize", "latency_ratio": "minimize", "flop_ratio": "minimize", "param_ratio": "minimize"}
 SAMPLERS = ("nsga2", "tpe")
+#: Seconds a worker waits for the worker that created a study to finish describing it.
+STUDY_SETUP_TIMEOUT = 120.0
 
 
 @dataclass(frozen=True)
@@ -103,27 +106,50 @@ def _mask_key(mask: tuple[bool, ...]) -> str:
 def load_study(
     space: SearchSpace, settings: SearchSettings, storage: str, name: str, spec: str | None = None
 ) -> optuna.Study:
-    """Create the study, or open it if it exists and was made for this space and these objectives."""
+    """Create the study, or open it if it exists and was made for this space and these objectives.
+
+    Workers may start together on one storage: exactly one creates the study
+    (the storage decides) and describes it, writing ``groups`` last; the others
+    wait for that before comparing, so none sees a half-written description.
+    """
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # progress is ours; Optuna's INFO lines repeat it
     backend = open_storage(storage)
-    study = optuna.create_study(study_name=name, storage=backend, load_if_exists=True, sampler=_sampler(settings),
-                                directions=[OBJECTIVES[o] for o in settings.objectives])  # fmt: skip
+    sampler = _sampler(settings)
     identity = {"space": space.signature, "objectives": list(settings.objectives), "base_policy": space.base_policy,
                 "grouping": space.grouping, "spec": spec}  # fmt: skip
-    if not study.user_attrs:
+    try:
+        study = optuna.create_study(study_name=name, storage=backend, sampler=sampler,
+                                    directions=[OBJECTIVES[o] for o in settings.objectives])  # fmt: skip
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=backend, sampler=sampler)
+    else:
         for key, value in identity.items():
             study.set_user_attr(key, value)
-        study.set_user_attr("groups", [[g.label, list(g.sites)] for g in space.groups])
         study.enqueue_trial({f"g{i}": False for i in range(len(space.groups))}, user_attrs={"seed_point": "cnn"})
         last = _last_stage_mask(space)
         if last is not None and any(last):
             study.enqueue_trial({f"g{i}": on for i, on in enumerate(last)}, user_attrs={"seed_point": "last"})
+        study.set_user_attr("groups", [[g.label, list(g.sites)] for g in space.groups])
         return study
-    different = {k: (study.user_attrs.get(k), v) for k, v in identity.items() if study.user_attrs.get(k) != v}
+    stored = _described(study, name, storage)
+    different = {k: (stored.get(k), v) for k, v in identity.items() if stored.get(k) != v}
     if different:
         raise ValueError(f"study {name!r} in {storage} was made for another search: {different} (stored, asked); "
                          "choose another --study name or storage")  # fmt: skip
     return study
+
+
+def _described(study: optuna.Study, name: str, storage: str) -> dict:
+    """The study's description, once the worker that created it has written all of it (``groups`` last)."""
+    deadline = time.monotonic() + STUDY_SETUP_TIMEOUT
+    while "groups" not in (attrs := study.user_attrs):
+        if time.monotonic() > deadline:
+            raise ValueError(
+                f"study {name!r} in {storage} exists but was never fully set up (its creating worker stopped "
+                f"within {STUDY_SETUP_TIMEOUT:.0f} s?); delete it or choose another --study name"
+            )
+        time.sleep(0.1)
+    return attrs
 
 
 def _last_stage_mask(space: SearchSpace) -> tuple[bool, ...] | None:
