@@ -196,6 +196,22 @@ INFERENCE_IMAGES = 8
 LOG2_E = math.log2(math.e)
 
 
+def _cpu_inference(x: Tensor) -> bool:
+    """Float32 CPU inference on a non-empty batch, outside autograd, tracing and compilation.
+
+    Where the layer's fast paths apply: under autograd it keeps the composed
+    operators (their backward is PyTorch's), and captured graphs must not fix
+    the batch size or call a compiled extension.
+    """
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.shape[0] > 0
+        and not torch.is_grad_enabled()
+        and not _capturing()
+    )
+
+
 def _gathers_with_onednn(values: Tensor) -> bool:
     """Whether the gather runs as oneDNN grouped convolutions rather than ``torch.bmm``.
 
@@ -207,28 +223,19 @@ def _gathers_with_onednn(values: Tensor) -> bool:
     form bakes the batch size into the graph.
     """
     return (
-        values.device.type == "cpu"
-        and values.dtype == torch.float32
-        and values.shape[0] > 0
+        _cpu_inference(values)
         and values.shape[1] >= 128
-        and not torch.is_grad_enabled()
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
-        and not _capturing()
     )
 
 
 def _inference_kernel(x: Tensor):
     """The compiled attention-and-gather kernel (``tcnn_fx.layers.native``) if it serves ``x``, else ``None``.
 
-    Float32 CPU inference outside tracing and compilation, where the kernel is
-    enabled and could be built.
+    Float32 CPU inference, where the kernel is enabled and could be built.
     """
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[0] == 0:
-        return None
-    if torch.is_grad_enabled() or _capturing():
-        return None
-    return native.attend_gather()
+    return native.attend_gather() if _cpu_inference(x) else None
 
 
 def _gather_bmm(values: Tensor, maps: Tensor) -> Tensor:
@@ -310,7 +317,7 @@ class ConvAttention2d(nn.Module):
         self.locality = nn.Parameter(torch.empty(heads, **factory))
         self.gate = nn.Parameter(torch.empty(heads, **factory))
         self.reset_parameters()
-        self._caches: dict[str, tuple[tuple, Tensor]] = {}
+        self._caches: dict[str, tuple] = {}  # slot: (key, value), see _cached
 
     def reset_parameters(self) -> None:
         """A random convolution (``nn.Conv2d``'s initialisation) and the attention at its initial state."""
@@ -473,7 +480,7 @@ class ConvAttention2d(nn.Module):
             return compute()
         return self._cached("positional", (height, width, dtype, *params), compute)
 
-    def _cached(self, slot: str, key: tuple, compute) -> Tensor:
+    def _cached(self, slot: str, key: tuple, compute):
         """``compute()`` (without autograd), reused while ``key`` is unchanged; one entry per ``slot``.
 
         Parameters in ``key`` count by storage, version, dtype and device, so
@@ -494,13 +501,12 @@ class ConvAttention2d(nn.Module):
         ``w``.
         """
 
-        def compute() -> Tensor:
-            weight = self.content_weight().float()
+        def compute() -> tuple[Tensor, Tensor]:
+            weight = self.content_weight().float().contiguous()
             base = self._positional(height, width, torch.float32) * (1 - weight)[:, None, None]
-            return F.pad(base.transpose(1, 2), (0, -base.shape[1] % native.QUERY_BLOCK)).contiguous()
+            return F.pad(base.transpose(1, 2), (0, -base.shape[1] % native.QUERY_BLOCK)).contiguous(), weight
 
-        params = (self.centres, self.locality, self.gate)
-        return self._cached("kernel", (height, width, *params), compute), self.content_weight().float().contiguous()
+        return self._cached("kernel", (height, width, self.centres, self.locality, self.gate), compute)
 
     def _pixels(self, x: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
         """Query pixels ``(B, C, out_h, out_w)`` and key/value pixels ``(B, C, rows, columns)``, output size.
