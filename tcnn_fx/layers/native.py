@@ -67,7 +67,7 @@ def _module():
     capability = torch.backends.cpu.get_cpu_capability()
     version = torch.__version__.split("+")[0].replace(".", "_")
     name = f"tcnn_fx_attend_gather_{capability.lower()}_torch{version}"
-    log.info("building %s from %s (once; cached under TORCH_EXTENSIONS_DIR)", name, SOURCE)
+    log.info("loading %s, built from %s on first use (cached under TORCH_EXTENSIONS_DIR)", name, SOURCE)
     try:
         return _cpp_extension().load(
             name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *SIMD_FLAGS.get(capability, [])]
