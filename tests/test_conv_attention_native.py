@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from strategies import conv_cases
+from strategies import ConvCase, assert_equals_convolution, conv_cases, term_scale
 from torch import nn
 
 from tcnn_fx import ConvAttention2d, ConvAttentionConfig
@@ -46,6 +46,14 @@ def test_kernel_builds_where_a_compiler_is():
 @needs_compiler
 @settings(max_examples=150, deadline=None)
 @given(case=conv_cases(), gate=st.floats(0.05, 1.0), qk_dim=st.sampled_from([None, 1, 5, 16]))
+@example(  # one output, the taps' terms nearly cancel: rounding is relative to the terms, not the output
+    case=ConvCase(
+        kwargs={"in_channels": 1, "out_channels": 1, "kernel_size": (3, 2), "bias": False},
+        height=3, width=2, batch=1, seed=0, magnitude=1.0,
+    ),
+    gate=0.05,
+    qk_dim=None,
+)  # fmt: skip
 def test_kernel_equals_composed_operators_with_content_attention_on(case, gate, qk_dim):
     layer = opened(ConvAttention2d.from_conv(case.conv(), ConvAttentionConfig(qk_dim=qk_dim)), gate)
     x = case.input() / max(case.magnitude, 1.0)  # large inputs: next test
@@ -54,7 +62,8 @@ def test_kernel_equals_composed_operators_with_content_attention_on(case, gate, 
     with pytest.MonkeyPatch.context() as patch:
         expected = composed(layer, x, patch)
     assert fused.shape == expected.shape
-    assert (fused - expected).abs().max() <= 1e-5 * expected.abs().max() + 1e-30
+    # Float32 rounding is relative to the terms summed, which may cancel: bound by their scale.
+    assert (fused - expected).abs().max() <= 1e-5 * max(expected.abs().max(), term_scale(x, layer.weight))
 
 
 @needs_compiler
@@ -87,10 +96,7 @@ def test_kernel_equals_convolution_at_init(case):
     x = case.input()
     with torch.no_grad():
         expected, actual = conv(x), layer(x)
-    if expected.abs().max() == 0:  # every tap reads padding
-        assert actual.abs().max() <= 1e-6 * x.abs().max() * conv.weight.abs().sum(dim=(1, 2, 3)).max()
-    else:
-        assert relative_error(actual, expected) <= 1e-6
+    assert_equals_convolution(actual, expected, x, conv, 1e-6)
 
 
 @needs_compiler
