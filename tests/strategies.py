@@ -85,6 +85,11 @@ def conv_cases(draw, max_size: int = 12) -> ConvCase:
     )
 
 
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """The issue's exactness measure: ``max |actual - expected| / max |expected|``."""
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
 def term_scale(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The largest sum of absolute terms an output of a convolution with ``weight`` on ``x`` can have."""
     return x.abs().max() * weight.abs().sum(dim=(1, 2, 3)).max()

@@ -3,14 +3,10 @@
 import pytest
 import torch
 from hypothesis import example, given, settings
-from strategies import ConvCase, assert_equals_convolution, conv_cases
+from strategies import ConvCase, assert_equals_convolution, conv_cases, relative_error
 from torch import nn
 
 from tcnn_fx import ConvAttention2d
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-6), (torch.float64, 1e-12)])

@@ -9,17 +9,13 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from strategies import ConvCase, assert_equals_convolution, conv_cases, term_scale
+from strategies import ConvCase, assert_equals_convolution, conv_cases, relative_error, term_scale
 from torch import nn
 
 from tcnn_fx import ConvAttention2d, ConvAttentionConfig
 from tcnn_fx.layers import native
 
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler to build the kernel")
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 def opened(layer: ConvAttention2d, gate: float) -> ConvAttention2d:

@@ -5,6 +5,7 @@ import io
 
 import pytest
 import torch
+from strategies import relative_error
 from torch import nn
 
 from tcnn_fx import ConvAttention2d, ConvAttentionConfig
@@ -25,10 +26,6 @@ def trained(conv):
         layer.centres.add_(torch.rand_like(layer.centres) * 0.3)
         layer.locality.fill_(2.0)
     return layer
-
-
-def relative_error(actual, expected):
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 def test_state_dict_round_trip(trained):
