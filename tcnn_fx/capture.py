@@ -31,6 +31,7 @@ import torch
 from torch import fx, nn
 
 from tcnn_fx.layers import ConvAttention2d, ConvStem
+from tcnn_fx.stages import DECLARED_KEY, declared_stages
 
 #: How many submodules may be made leaves before capture gives up.
 MAX_FALLBACKS = 64
@@ -250,4 +251,7 @@ def capture(
     root, graph = train if was_training else eval_
     result = fx.GraphModule(root, graph, type(model).__name__)
     result.meta["tcnn_fx.capture"] = CaptureInfo(dict(fallbacks), tuple(mode_leaves), difference)
+    declared = declared_stages(model)
+    if declared is not None:
+        result.meta[DECLARED_KEY] = declared
     return result

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tcnn_fx.sites import Site
+from tcnn_fx.stages import stage_table
 
 #: Comparison operators of the expression language (also used for attention layers' depth).
 COMPARISONS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq, "<": operator.lt, ">": operator.gt}
@@ -204,8 +205,12 @@ class _Context:
     """What terms need to know about the whole site table."""
 
     def __init__(self, sites: list[Site]):
-        self.stages = sorted({s.stage for s in sites})
+        self.table = stage_table(sites)
+        self.stages = [stage.index for stage in self.table]
         self.names = [s.name for s in sites]
+
+    def describe_stages(self) -> str:
+        return ", ".join(stage.describe() for stage in self.table)
 
 
 def _unknown_name(name: str, known: Iterable[str]) -> str:
@@ -239,7 +244,9 @@ def _term(text: str) -> Predicate:
         def by_stage(site: Site, ctx: _Context) -> bool:
             missing = wanted - set(ctx.stages)
             if missing:
-                raise PolicyError(f"'{text}': the model has no stage {sorted(missing)}; its stages are {ctx.stages}")
+                raise PolicyError(
+                    f"'{text}': the model has no stage {sorted(missing)}; its stages are {ctx.describe_stages()}"
+                )
             return site.stage in wanted
 
         return by_stage

@@ -6,13 +6,11 @@ on a parameter; an explicit zero pad feeding the convolution (``F.pad``,
 ``nn.ZeroPad2d``, timm's ``pad_same``) belongs to the site.  Each site knows
 whether ``ConvAttention2d`` can replace it and, if not, why.
 
-Stages follow the torchvision/timm convention: a site's *level* is the
-log2 of its output's reduction from the network input (a stride-2 convolution
-that opens a stage belongs to the stage it outputs); stages number the
-model's distinct levels from 0, so ResNet-50 at 224 has the stem at stage 0
-(112x112) and ``layer1`` .. ``layer4`` at stages 1 .. 4 (56 .. 7).  The *stem*
-is the chain of convolutions the input passes through before the first
-branch or merge, at the first convolution's level.
+A site's *stage* and *block* come from ``tcnn_fx.stages`` (structure: the
+stem is stage 0, each deeper level of the downsampling hierarchy after it
+one more, a residual block staged as a whole); its *level* is the log2 of
+its own output's reduction from the network input, the axis resolution
+rules of policies use.
 
 Everything here is analysis: nothing changes the graph.  Needs
 ``propagate_shapes`` to have run.
@@ -34,6 +32,7 @@ from torch import fx, nn
 from tcnn_fx.layers import ConvAttention2d, ConvAttentionConfig, ConvGeometry
 from tcnn_fx.layers.conv_attention import conv2d_mismatch
 from tcnn_fx.passes.shape_prop import spatial_size
+from tcnn_fx.stages import assign_stages, blocks
 
 NORM_TYPES: set[type] = {nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm}
 NORM_FUNCTIONS: set = {F.batch_norm, F.group_norm, F.instance_norm, torch.batch_norm}
@@ -305,52 +304,6 @@ def _level(input_size: tuple[int, int], output_size: tuple[int, int]) -> int:
     return max(round(math.log2(i / o)) for i, o in zip(input_size, output_size))
 
 
-def _tensor_users(node: fx.Node) -> list[fx.Node]:
-    """Users of a node that compute tensors: reading ``x.shape`` is not a branch of the dataflow."""
-    return [user for user in node.users if isinstance(user.meta.get("val"), torch.Tensor) or user.op == "output"]
-
-
-def _stem_nodes(graph: fx.Graph) -> set[str]:
-    """Nodes on the chain from the first input before the first fan-out or merge."""
-    node = next(n for n in graph.nodes if n.op == "placeholder")
-    chain = set()
-    while len(users := _tensor_users(node)) == 1:
-        node = users[0]
-        inputs = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor) and a.op != "get_attr"]
-        if len(inputs) != 1 or node.op == "output":
-            break
-        chain.add(node.name)
-    return chain
-
-
-def _blocks(graph: fx.Graph) -> dict[str, int]:
-    """Block index of every node: blocks are separated by the nodes every input-to-output path passes through.
-
-    In a ResNet those cut nodes are the outputs of the residual blocks; in a
-    plain chain (VGG) every node is one; a DenseNet's dense block has none
-    inside.
-    """
-    dataflow = nx.DiGraph()
-    for node in graph.nodes:
-        dataflow.add_node(node.name)
-        for source in node.all_input_nodes:
-            dataflow.add_edge(source.name, node.name)
-    start = "__input__"
-    dataflow.add_edges_from((start, n.name) for n in graph.nodes if n.op in ("placeholder", "get_attr"))
-    output = next(n.name for n in graph.nodes if n.op == "output")
-    dominators = nx.immediate_dominators(dataflow, start)
-    cuts, node = set(), output
-    while node != start:
-        cuts.add(node)
-        node = dominators[node]
-    blocks, index = {}, 0
-    for node in graph.nodes:  # fx graphs are topologically ordered
-        blocks[node.name] = index
-        if node.name in cuts:
-            index += 1
-    return blocks
-
-
 def find_sites(graph_module: fx.GraphModule, config: ConvAttentionConfig | None = None) -> list[Site]:
     """Every convolution site of ``graph_module``, in graph order.
 
@@ -368,15 +321,10 @@ def find_sites(graph_module: fx.GraphModule, config: ConvAttentionConfig | None 
     raw = [facts for node in graph.nodes if (facts := builder.facts(node)) is not None]
     for facts in raw:
         facts["level"] = _level(network_input, facts["output_size"])
-    # Convolutions on globally pooled features (squeeze-excitation) would add a level of their own:
-    # they take the stage of the convolution before them instead.
-    pooled = [facts["input_size"] == (1, 1) != network_input for facts in raw]
-    levels = sorted({facts["level"] for facts, is_pooled in zip(raw, pooled) if not is_pooled})
-    stem_nodes, blocks = _stem_nodes(graph), _blocks(graph)
-    first_level = raw[0]["level"] if raw else None
-    sites, stage = [], 0
-    for facts, is_pooled in zip(raw, pooled):
-        stage = stage if is_pooled else levels.index(facts["level"])
+    stage_of, stem = assign_stages(graph_module, {facts["node"]: facts["geometry"] for facts in raw})
+    block_of = blocks(graph)
+    sites = []
+    for facts in raw:
         geometry, size = facts["geometry"], facts["input_size"]
         conv_params = facts["out_channels"] * (facts["in_channels"] // geometry.groups) * geometry.num_taps
         attention_flops, attention_params = ConvAttention2d.cost(
@@ -386,9 +334,9 @@ def find_sites(graph_module: fx.GraphModule, config: ConvAttentionConfig | None 
         sites.append(
             Site(
                 **facts,
-                stage=stage,
-                block=blocks[facts["node"]],
-                stem=facts["node"] in stem_nodes and facts["level"] == first_level,
+                stage=stage_of[facts["node"]],
+                block=block_of[facts["node"]],
+                stem=facts["node"] in stem,
                 conv_flops=geometry.conv_flops(facts["in_channels"], facts["out_channels"], *size),
                 attention_flops=attention_flops,
                 conv_params=conv_params + (facts["out_channels"] if facts["bias"] else 0),

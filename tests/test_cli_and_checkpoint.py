@@ -81,6 +81,6 @@ def test_cli_sites_and_convert(tmp_path, capsys):
 
 def test_cli_errors_exit_with_a_message(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["convert", "cifar:resnet20", "--policy", "stage4", "--out", "x.pt"])
+        main(["convert", "cifar:resnet20", "--policy", "stage5", "--out", "x.pt"])
     assert exit_info.value.code == 2
-    assert "its stages are [0, 1, 2]" in capsys.readouterr().out
+    assert "its stages are 0 (32x32: conv1), 1 (32x32: layer1), 2 (16x16: layer2), 3 (8x8: layer3)" in capsys.readouterr().out

@@ -20,12 +20,14 @@ def chosen(policy, sites):
 
 
 def test_named_policies(sites):
-    assert chosen("stage1", sites) == {"b1", "b2"}
+    assert chosen("stage2", sites) == {"b1", "b2"}
     assert chosen("last", sites) == {"b1", "b2"}
-    assert chosen("stage0", sites) == {"a1"}  # the stem is excluded by default
-    assert chosen("stage0+1", sites) == chosen("stage>=0", sites) == chosen("all", sites) == {"a1", "b1", "b2"}
+    assert chosen("stage1", sites) == {"a1"}
     with pytest.warns(UserWarning, match="selects no convertible site"):
-        assert chosen("stage0 & stage1", sites) == set()
+        assert chosen("stage0", sites) == set()  # the stem alone, excluded by default
+    assert chosen("stage1+2", sites) == chosen("stage>=0", sites) == chosen("all", sites) == {"a1", "b1", "b2"}
+    with pytest.warns(UserWarning, match="selects no convertible site"):
+        assert chosen("stage1 & stage2", sites) == set()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # 'none' asks for nothing (the CNN as is): no warning
         assert chosen("none", sites) == set()
@@ -43,10 +45,10 @@ def test_rules_names_lists_predicates_and_composition(sites):
     assert chosen("res<=8", sites) == {"b1", "b2"}
     assert chosen("name:b*", sites) == {"b1", "b2"}
     assert chosen("all & ~name:b2", sites) == {"a1", "b1"}
-    assert chosen("stage0 or name:b2", sites) == {"a1", "b2"}
+    assert chosen("stage1 or name:b2", sites) == {"a1", "b2"}
     assert chosen(["b2", "shortcut"], sites) == {"b2", "shortcut"}  # explicit lists bypass the defaults
     assert chosen(lambda site: site.geometry.stride == (2, 2), sites) == {"b1"}
-    assert chosen(Policy("stage0") | "stage1", sites) == {"a1", "b1", "b2"}
+    assert chosen(Policy("stage1") | "stage2", sites) == {"a1", "b1", "b2"}
     assert chosen(Policy("all") & ~Policy("name:a1"), sites) == {"b1", "b2"}
 
 
@@ -55,14 +57,15 @@ def test_budgets_take_late_stages_first(sites):
     total = sum(s.conv_flops for s in sites)
     extra_b1 = by_name["b1"].attention_flops - by_name["b1"].conv_flops
     plan = Policy("all", max_flop_ratio=(total + extra_b1) / total + 1e-9).plan(sites)
-    assert plan.names == ("b1",)  # stage 1 before stage 0, graph order within a stage
+    assert plan.names == ("b1",)  # stage 2 before stage 1, graph order within a stage
     assert "FLOP budget" in plan.skipped["b2"] and "FLOP budget" in plan.skipped["a1"]
     with pytest.raises(PolicyError, match="impossible"):
         Policy("all", max_flop_ratio=0.9)
 
 
 def test_errors_list_what_exists(sites):
-    with pytest.raises(PolicyError, match=r"no stage \[5\]; its stages are \[0, 1\]"):
+    with pytest.raises(PolicyError, match=r"no stage \[5\]; its stages are 0 \(16x16: stem\), 1 \(16x16: a1\), "
+                       r"2 \(8x8: b1 \.\. shortcut\)"):
         Policy("stage5").plan(sites)
     with pytest.raises(PolicyError, match="did you mean"):
         Policy.coerce(["b22"]).plan(sites)

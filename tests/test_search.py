@@ -33,7 +33,7 @@ def resnet20():
 
 @pytest.fixture(scope="module")
 def space(resnet20):
-    return SearchSpace.build(resnet20, (X,), "stage>=1", "site")
+    return SearchSpace.build(resnet20, (X,), "stage>=2", "site")
 
 
 class Synthetic:
@@ -58,7 +58,7 @@ SETTINGS = SearchSettings(objectives=("accuracy", "flop_ratio"), trials=24, popu
 
 @pytest.mark.parametrize(("grouping", "groups"), [("site", 12), ("block", 6), ("stage", 2)])
 def test_space_groups_and_exact_costs(resnet20, grouping, groups):
-    space = SearchSpace.build(resnet20, (X,), "stage>=1", grouping)
+    space = SearchSpace.build(resnet20, (X,), "stage>=2", grouping)
     assert len(space.groups) == groups and space.size == 2**groups
     assert sum(len(g.sites) for g in space.groups) == 12
     mask = tuple(i % 2 == 0 for i in range(groups))
@@ -74,7 +74,7 @@ def test_space_errors(resnet20, space):
         SearchSpace.build(resnet20, (X,), "none")
     with pytest.raises(ValueError, match="grouping"):
         SearchSpace.build(resnet20, (X,), "all", "layer")
-    blocks = SearchSpace.build(resnet20, (X,), "stage>=1", "block")
+    blocks = SearchSpace.build(resnet20, (X,), "stage>=2", "block")
     with pytest.raises(ValueError, match="converted in part"):
         blocks.mask_of({blocks.groups[0].sites[0]})
     with pytest.raises(ValueError, match="has 12 entries"):
@@ -82,7 +82,7 @@ def test_space_errors(resnet20, space):
 
 
 def test_study_seeds_caches_and_records_failures(space, tmp_path):
-    last = space.mask_of([n for n, s in space.sites.items() if s.stage == 2])
+    last = space.mask_of([n for n, s in space.sites.items() if s.stage == 3])
     failing = "".join("1" if m else "0" for m in last)
     evaluator = Synthetic(fail_on={failing})
     study = run_search(space, evaluator, SETTINGS, str(tmp_path / "s.journal"), "s", progress=False)
@@ -125,7 +125,7 @@ def test_impossible_budget_bad_storage_and_other_space_fail_before_compute(resne
         load_study(space, SETTINGS, f"sqlite:///{tmp_path}/missing/dir/s.db", "s")
     storage = str(tmp_path / "s.journal")
     run_search(space, Synthetic(), SearchSettings(("accuracy",), trials=2), storage, "s", progress=False)
-    other = SearchSpace.build(resnet20, (X,), "stage>=2", "site")
+    other = SearchSpace.build(resnet20, (X,), "stage>=3", "site")
     with pytest.raises(ValueError, match="made for another search"):
         run_search(other, Synthetic(), SearchSettings(("accuracy",), trials=2), storage, "s", progress=False)
     with pytest.raises(ValueError, match="objectives"):
@@ -148,7 +148,7 @@ def test_two_workers_share_one_study(tmp_path):
         "from test_search import Synthetic, SETTINGS\n"
         "from tcnn_fx.search import SearchSpace, run_search\n"
         "from tcnn_fx.specs import load_model\n"
-        "space = SearchSpace.build(load_model('cifar:resnet20').eval(), (torch.zeros(1, 3, 32, 32),), 'stage>=1', 'site')\n"
+        "space = SearchSpace.build(load_model('cifar:resnet20').eval(), (torch.zeros(1, 3, 32, 32),), 'stage>=2', 'site')\n"
         f"run_search(space, Synthetic(), SETTINGS, {str(storage)!r}, 'shared', progress=False)\n"
     )  # fmt: skip
     workers = [subprocess.Popen([sys.executable, "-c", worker], stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -218,7 +218,7 @@ def test_cli_search_with_the_fine_tune_proxy(tmp_path, capsys):
         "--out",
         str(out),
         "--base-policy",
-        "stage>=2",
+        "stage>=3",
         "--group",
         "block",
     ]
@@ -234,8 +234,8 @@ def test_cli_search_with_the_fine_tune_proxy(tmp_path, capsys):
     assert Policy.load(tmp_path / "chosen.json").sites == tuple(front["front"][0]["sites"])
     capsys.readouterr()
     with pytest.raises(SystemExit):  # the same study name for another space: refused before any compute
-        main(["search", "cifar:resnet20", "--out", str(out), "--base-policy", "stage>=1", "--data", str(data),
-              "--study", "cifar:resnet20|stage>=2|block", "--objectives", "accuracy,flop_ratio"])  # fmt: skip
+        main(["search", "cifar:resnet20", "--out", str(out), "--base-policy", "stage>=2", "--data", str(data),
+              "--study", "cifar:resnet20|stage>=3|block", "--objectives", "accuracy,flop_ratio"])  # fmt: skip
     assert "made for another search" in " ".join(capsys.readouterr().out.split())
     with pytest.raises(SystemExit):
         main(["search", "cifar:resnet20", "--out", str(out), "--objectives", "accuracy,flop_ratio"])
@@ -245,7 +245,7 @@ def test_cli_search_with_the_fine_tune_proxy(tmp_path, capsys):
 def test_candidate_latency_is_measured_against_the_cnn_and_the_cnn_is_itself(resnet20):
     from tcnn_fx.search.evaluate import CandidateEvaluator
 
-    space = SearchSpace.build(resnet20, (X,), "stage>=2", "block")
+    space = SearchSpace.build(resnet20, (X,), "stage>=3", "block")
     evaluator = CandidateEvaluator(resnet20, (X,), space, batch=2, rounds=3)
     assert evaluator((False, False, False), "latency_ratio") == 1.0  # nothing converted: the CNN, not measured
     assert evaluator((False, False, True), "latency_ratio") > 1.0  # an 8x8 block of attention costs more

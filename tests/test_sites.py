@@ -27,7 +27,7 @@ def test_norms_and_activations_are_matched_by_type_in_every_spelling():
 def test_stages_resolutions_stem_and_blocks():
     sites, _ = sites_of(TinyResNet(), size=32)
     assert sites["stem"].stem and not sites["a1"].stem
-    assert [sites[n].stage for n in ("stem", "a1", "b1", "b2", "shortcut")] == [0, 0, 1, 1, 1]
+    assert [sites[n].stage for n in ("stem", "a1", "b1", "b2", "shortcut")] == [0, 1, 2, 2, 2]
     assert sites["b1"].input_size == (32, 32) and sites["b1"].output_size == (16, 16)
     assert sites["a1"].block != sites["b2"].block
 

@@ -1,0 +1,440 @@
+"""Stages: where in the network's downsampling hierarchy each node is, derived from the graph's structure.
+
+Users name stages the way model libraries do: ResNet's ``layer1`` .. ``layer4``
+are stages 1 .. 4, ConvNeXt's ``stages.3`` is stage 4, RegNet's ``s4`` is
+stage 4.  Those names follow *structure*, not the resolution of each single
+convolution: a residual block that downsamples belongs wholly to the stage it
+opens, even its first 1x1 convolution, which still runs at the previous
+resolution (RegNet, ResNet), and even its 3x3 convolution when the block
+pools after it (ResNeSt's avg-down).  A dilated backbone (DeepLabV3's ResNet)
+keeps ``layer3``/``layer4`` at 1/8 resolution, yet they are stages 3 and 4.
+
+So a stage is computed from three analyses of the captured graph:
+
+* **depth** of every node: log2 of its output's reduction from the network
+  input, plus log2 of a convolution's dilation where that is a power of two
+  (dilation standing in for a stride: 2 and 4 in DeepLabV3; ASPP rates such
+  as 12 or 36 are receptive fields, not strides), and never less than the
+  depth of its inputs.  Globally pooled features (squeeze-excitation) add no
+  depth of their own, and upsampled features (FPN, decoders) do not go back.
+* **join** of a node: the first node that every path from it to an output
+  passes through and that merges in a value computed without it, the
+  residual addition that closes its block.  A node's *stage depth* is the
+  larger of its own depth and its join's, so a block is staged as a whole.
+* **blocks**: the nodes no other value is live across (the outputs of
+  residual blocks; the model's outputs are not counted as later uses, so a
+  feature extractor returning every stage's output still has blocks).  A
+  depth gained by dilation alone is moved back to the block of that stage
+  that changed the channel width (``layer3.0``), because the first block of a
+  dilated stage keeps the previous dilation.
+
+The *stem*, the chain of nodes from the input before the first branch or merge
+(and before the first depth gained after its first convolution), is stage 0
+even where it shares its resolution with the first stage.  The distinct stage
+depths after the stem are stages 1, 2, ... in order.  Nothing here depends on
+module names or on which submodules capture kept whole (a module kept whole
+has the same output shape, hence the same depth).
+
+Everything here is analysis: nothing changes the graph.  Needs
+``propagate_shapes`` to have run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+from torch import fx
+
+from tcnn_fx.layers import ConvGeometry
+from tcnn_fx.passes.shape_prop import spatial_size
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a model as its sites show it: number, resolution, the modules it spans.
+
+    ``modules`` are the module paths that hold its sites and no other
+    stage's (``('layer4',)``; ``('features.13', 'features.14', ...)``), as
+    users find them in the model.
+    """
+
+    index: int
+    resolution: tuple[int, int]
+    modules: tuple[str, ...]
+    sites: int
+
+    def describe(self) -> str:
+        """``'4 (7x7: layer4)'``: the stage as a ``PolicyError`` or a table lists it."""
+        return f"{self.index} ({self.resolution[0]}x{self.resolution[1]}: {module_span(self.modules)})"
+
+
+def module_span(modules: tuple[str, ...]) -> str:
+    """``layer4``, or ``features.13 .. features.16`` for a stage made of several sibling modules."""
+    if not modules:
+        return "-"
+    if len(modules) == 1:
+        return modules[0]
+    return f"{modules[0]} .. {modules[-1]}"
+
+
+def _holds_tensors(node: fx.Node) -> bool:
+    """A tensor, or a tuple of them (``chunk``, ``split``); ``x.shape`` and its arithmetic are not dataflow."""
+    value = node.meta.get("val")
+    if isinstance(value, (tuple, list)):
+        return any(isinstance(v, torch.Tensor) for v in value)
+    return isinstance(value, torch.Tensor)
+
+
+def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes if a.op != "get_attr" and _holds_tensors(a)]
+
+
+def _tensor_users(node: fx.Node) -> list[fx.Node]:
+    """Users of a node that compute tensors: reading ``x.shape`` is not a branch of the dataflow."""
+    return [user for user in node.users if _holds_tensors(user) or user.op == "output"]
+
+
+def _power_of_two_log(value: int) -> int:
+    return int(math.log2(value)) if value > 1 and value & (value - 1) == 0 else 0
+
+
+def node_depths(
+    graph: fx.Graph, network_input: tuple[int, int], convolutions: dict[str, ConvGeometry]
+) -> tuple[dict[str, int], set[str]]:
+    """Depth of every node (see the module docstring) and the names of globally pooled nodes."""
+    depths: dict[str, int] = {}
+    pooled: set[str] = set()
+    for node in graph.nodes:
+        if not _holds_tensors(node):
+            continue
+        inputs = _tensor_inputs(node)
+        inherited = max((depths[a.name] for a in inputs if a.name in depths), default=None)
+        size = spatial_size(node) if node.op != "output" else None
+        own = None
+        from_input = [a for a in inputs if a.name in depths]  # not computed from parameters alone
+        if from_input and all(a.name in pooled for a in from_input):
+            pooled.add(node.name)  # computed from globally pooled features only (squeeze-excitation)
+        elif (from_input or node.op == "placeholder") and size is not None and min(size) > 0:
+            strided_conv = node.name in convolutions and any(
+                (size_in := spatial_size(a)) is not None and size_in != (1, 1) for a in inputs
+            )
+            if size == (1, 1) != network_input and not strided_conv:
+                pooled.add(node.name)  # a global pool
+            else:
+                own = max(round(math.log2(i / o)) for i, o in zip(network_input, size))
+                own += max(map(_power_of_two_log, convolutions[node.name].dilation)) if node.name in convolutions else 0
+        candidates = [d for d in (own, inherited) if d is not None]
+        if candidates:
+            depths[node.name] = max(candidates)
+    return depths, pooled
+
+
+def stem_nodes(graph: fx.Graph, depths: dict[str, int], convolutions: set[str], expansions: set[str]) -> list[str]:
+    """The stem: nodes on the chain from the first input before the first fan-out or merge.
+
+    The chain stops, too, at the first node deeper than the chain's first
+    convolution (VGG has no branch at all: its first block is the stem) and
+    at the expansion of a downsampling block (MobileNetV2's ``features.2``).
+    """
+    node = next(n for n in graph.nodes if n.op == "placeholder")
+    chain: list[str] = []
+    first_conv_depth = None
+    while len(users := _tensor_users(node)) == 1:
+        node = users[0]
+        if len(_tensor_inputs(node)) != 1 or node.op == "output":
+            break
+        depth = depths.get(node.name)
+        if first_conv_depth is not None and (node.name in expansions or depth is not None and depth > first_conv_depth):
+            break
+        if node.name in convolutions and first_conv_depth is None:
+            first_conv_depth = depth
+        chain.append(node.name)
+    if first_conv_depth is None:
+        return []  # no convolution before the first branch: the model has no stem
+    return chain
+
+
+def blocks(graph: fx.Graph) -> dict[str, int]:
+    """Block index of every node: a block ends at a node that no other value is live across.
+
+    In a ResNet those are the outputs of the residual blocks; in a plain
+    chain (VGG) every node is one; a DenseNet's dense block has none inside.
+    The model's outputs are not counted as uses, so a feature extractor that
+    returns every stage's output keeps its blocks.
+    """
+    order = {node.name: i for i, node in enumerate(graph.nodes)}
+    last_use = {}
+    for node in graph.nodes:
+        if node.op == "output":
+            continue
+        for source in _tensor_inputs(node):  # shape arithmetic read late (x.shape) keeps no block open
+            last_use[source.name] = max(last_use.get(source.name, -1), order[node.name])
+    # A node ends a block when no value computed before it is used after it.
+    result, index, reach = {}, 0, -1
+    for node in graph.nodes:
+        result[node.name] = index
+        if node.op not in ("placeholder", "get_attr"):
+            if reach <= order[node.name] and node.op != "output":
+                index += 1
+        if node.op != "get_attr":
+            reach = max(reach, last_use.get(node.name, -1))
+    return result
+
+
+def _joins(graph: fx.Graph) -> dict[str, str]:
+    """For each node, the first node that all its paths to an output pass through and that merges in a
+    value the node does not dominate (computed without it): the addition closing its residual block."""
+    dataflow = nx.DiGraph()
+    start, exit_ = "__input__", "__exit__"
+    for node in graph.nodes:
+        if node.op in ("get_attr", "output") or not _holds_tensors(node):
+            continue
+        dataflow.add_node(node.name)
+        for source in _tensor_inputs(node):
+            dataflow.add_edge(source.name, node.name)
+        if node.op == "placeholder":
+            dataflow.add_edge(start, node.name)
+    dataflow = dataflow.subgraph(nx.descendants(dataflow, start) | {start}).copy()  # parameters alone: no dataflow
+    dataflow.add_edges_from((n, exit_) for n in list(dataflow.nodes) if dataflow.out_degree(n) == 0)
+    dominator_tree = nx.DiGraph(
+        (parent, child) for child, parent in nx.immediate_dominators(dataflow, start).items() if child != parent
+    )
+    # Pre/post-order numbers on the dominator tree: a dominates b iff a's interval holds b's.
+    entered, left, clock = {}, {}, 0
+    for parent, child, kind in nx.dfs_labeled_edges(dominator_tree, start):
+        clock += 1
+        if kind == "forward":
+            entered[child] = clock
+        elif kind == "reverse":
+            left[child] = clock
+    entered[start], left[start] = 0, clock + 1
+
+    def dominates(a: str, b: str) -> bool:
+        return entered[a] <= entered.get(b, -1) and left.get(b, clock + 2) <= left[a]
+
+    post_dominators = nx.immediate_dominators(dataflow.reverse(copy=False), exit_)
+    merges = {n for n in dataflow.nodes if dataflow.in_degree(n) > 1 and n != exit_}
+    next_merge: dict[str, str] = {}
+    for name in reversed([n for n in nx.topological_sort(dataflow) if n not in (start, exit_)]):
+        following = post_dominators[name]
+        next_merge[name] = following if following in merges or following == exit_ else next_merge[following]
+    joins = {}
+    for name in next_merge:
+        step = next_merge[name]
+        while step != exit_:
+            if any(not dominates(name, source) for source in dataflow.predecessors(step)):
+                joins[name] = step
+                break
+            step = next_merge[step]
+    return joins
+
+
+def _expansions(graph: fx.Graph, depths: dict[str, int], convolutions: dict[str, ConvGeometry]) -> dict[str, str]:
+    """Pointwise convolutions that only feed, through single-input nodes, a deeper convolution: the expansion
+    of an inverted-residual block that downsamples (MobileNet, EfficientNet), staged with that block.
+
+    Maps the expansion and the nodes after it (its norm and activation) to that deeper convolution.
+    """
+    nodes = {n.name: n for n in graph.nodes}
+    found = {}
+    for name, geometry in convolutions.items():
+        if geometry.kernel_size != (1, 1) or name not in depths:
+            continue
+        node, chain = nodes[name], [name]
+        while len(users := _tensor_users(node)) == 1 and len(_tensor_inputs(users[0])) == 1:
+            node = users[0]
+            if node.name in convolutions:
+                if depths.get(node.name, -1) > depths[name]:
+                    found.update(dict.fromkeys(chain, node.name))
+                break
+            chain.append(node.name)
+    return found
+
+
+def _dilation_gains(
+    graph: fx.Graph, depths: dict[str, int], block_of: dict[str, int], stem: set[str]
+) -> dict[str, int]:
+    """Depths raised back to the block that opened a dilated stage.
+
+    A node deeper than its inputs by dilation alone (its resolution did not
+    change) opens a dilated stage; the nodes since the last block that
+    changed the channel width (after the previous deepening) are raised to
+    its depth.
+    """
+    nodes = list(graph.nodes)
+    width = {n.name: n.meta["val"].shape[1] for n in nodes if isinstance(n.meta.get("val"), torch.Tensor)
+             and n.meta["val"].dim() == 4}  # fmt: skip
+    block_ends = {}
+    for node in nodes:
+        block_ends[block_of[node.name]] = node.name
+    raised = dict(depths)
+    last_deepening = 0
+    for position, node in enumerate(nodes):
+        inputs = _tensor_inputs(node)
+        before = max((raised.get(a.name, -1) for a in inputs), default=-1)
+        if node.name in stem or node.name not in raised or raised[node.name] <= before or not inputs:
+            continue
+        by_resolution = [spatial_size(a) for a in inputs]
+        if spatial_size(node) not in by_resolution:  # a stride or a pool: a stage opens right here
+            last_deepening = position
+            continue
+        # Deeper by dilation: find the latest width-changing block end after the previous deepening.
+        start = position
+        for back in range(position - 1, last_deepening, -1):
+            end = nodes[back].name
+            if block_ends.get(block_of[end]) != end:
+                continue
+            previous_end = block_ends.get(block_of[end] - 1)
+            if previous_end in width and end in width and width[previous_end] != width[end]:
+                start = nodes.index(next(n for n in nodes if block_of[n.name] == block_of[end]))
+                break
+        for earlier in nodes[start:position]:
+            if earlier.name in raised and earlier.name not in stem:
+                raised[earlier.name] = max(raised[earlier.name], raised[node.name])
+        for later in nodes[position:]:  # what follows inherits the raised depths
+            inherited = max((raised.get(a.name, -1) for a in _tensor_inputs(later)), default=-1)
+            if later.name in raised:
+                raised[later.name] = max(raised[later.name], inherited)
+        last_deepening = position
+    return raised
+
+
+#: Where ``capture`` records the stages a model declares (module paths, in order): ``graph_module.meta[...]``.
+DECLARED_KEY = "tcnn_fx.declared_stages"
+
+
+def declared_stages(model) -> tuple[str, ...] | None:
+    """The module paths of the stages ``model`` declares (timm's ``feature_info``), or ``None``.
+
+    Each entry is the module whose output a feature extractor takes: the end
+    of a stage.  A declaration that names no module (``''``) is not one.
+    """
+    info = getattr(model, "feature_info", None)
+    if info is None:
+        return None
+    entries = info.get_dicts() if hasattr(info, "get_dicts") else info
+    try:
+        modules = tuple(entry["module"] for entry in entries)
+    except (TypeError, KeyError):
+        return None
+    return modules if modules and all(isinstance(m, str) and m for m in modules) else None
+
+
+def assign_stages(graph_module: fx.GraphModule, convolutions: dict[str, ConvGeometry]) -> tuple[dict[str, int], set[str]]:
+    """Stage of every node computed from the input, and the stem's node names.
+
+    ``convolutions`` maps each convolution node name to its geometry (the
+    convolutions the sites found).  The model's declared stages
+    (``meta[DECLARED_KEY]``), where capture found a consistent declaration,
+    decide which block belongs to which stage; otherwise the structure does.
+    Needs ``propagate_shapes`` to have run.
+    """
+    graph = graph_module.graph
+    placeholder = next(n for n in graph.nodes if n.op == "placeholder")
+    network_input = spatial_size(placeholder)
+    if network_input is None:
+        raise ValueError(f"the first input '{placeholder.name}' is not an NCHW image batch; stages need one")
+    depths, _ = node_depths(graph, network_input, convolutions)
+    expansions = _expansions(graph, depths, convolutions)
+    stem = set(stem_nodes(graph, depths, set(convolutions), set(expansions)))
+    block_of = blocks(graph)
+    declared = _declared(graph, graph_module.meta.get(DECLARED_KEY), depths, stem, block_of)
+    if declared is not None:
+        return declared
+    depths = _dilation_gains(graph, depths, block_of, stem)
+    joins = _joins(graph)
+    inputs = {n.name for n in graph.nodes if n.op == "placeholder"}
+    stage_depth: dict[str, int] = {}
+    for node in reversed(graph.nodes):  # joins and expanded convolutions come later in the graph
+        name = node.name
+        if name in depths and name not in stem and name not in inputs:
+            later = (stage_depth.get(joins.get(name)), stage_depth.get(expansions.get(name)))
+            stage_depth[name] = max([depths[name], *(d for d in later if d is not None)])
+    levels = sorted(set(stage_depth.values()))
+    stage_of = {name: 0 for name in stem}
+    stage_of.update({name: levels.index(depth) + 1 for name, depth in stage_depth.items()})
+    return stage_of, stem
+
+
+def _module_paths(node: fx.Node) -> set[str]:
+    paths = {path for path, _ in (node.meta.get("nn_module_stack") or {}).values()}
+    if node.op == "call_module":
+        paths.add(str(node.target))
+    return paths
+
+
+def _inside(paths: set[str], module: str) -> bool:
+    return any(path == module or path.startswith(module + ".") for path in paths)
+
+
+def _declared(
+    graph: fx.Graph, modules: tuple[str, ...] | None, depths: dict[str, int], stem: set[str], block_of: dict[str, int]
+) -> tuple[dict[str, int], set[str]] | None:
+    """Stages from a declaration: a block belongs to the first declared stage that ends at or after its end.
+
+    Declared stages end where a feature extractor takes their output; a
+    block is staged by its last node, so a stage's blocks stay whole even
+    where the declared feature is taken inside a block (Xception).  The
+    first declared stage is the stem where it holds only the structural
+    stem (ResNet's ``act1``, RegNet's ``stem``); otherwise (ConvNeXt's
+    ``stages.0``, EfficientNet's ``blocks.0``) the stem before it is stage 0
+    and declared stage *i* is stage *i + 1*.  ``None`` when the declaration
+    does not fit the graph (a module it names is absent, or stages end out of
+    order): the structure decides then.
+    """
+    if not modules:
+        return None
+    nodes = list(graph.nodes)
+    position = {node.name: i for i, node in enumerate(nodes)}
+    paths = [_module_paths(node) for node in nodes]
+    ends = []
+    for module in modules:
+        inside = [i for i, p in enumerate(paths) if _inside(p, module)]
+        if not inside or (ends and max(inside) <= ends[-1]):
+            return None
+        ends.append(max(inside))
+    block_end = {}
+    for node in nodes:
+        block_end[block_of[node.name]] = position[node.name]
+    group = {}
+    for node in nodes:
+        if node.name in depths and node.op != "placeholder":
+            end = block_end[block_of[node.name]]
+            group[node.name] = next((i for i, e in enumerate(ends) if e >= end), len(ends) - 1)
+    first = [name for name, g in group.items() if g == 0]
+    stem_group = all(name in stem for name in first)
+    if stem_group:
+        return group, {name for name in first}
+    declared_stem = {name for name in first if name in stem and not _inside(paths[position[name]], modules[0])}
+    return {name: 0 if name in declared_stem else g + 1 for name, g in group.items()}, declared_stem
+
+
+def stage_table(sites: list) -> list[Stage]:
+    """One ``Stage`` per stage that holds sites: its resolution and the modules its sites are in.
+
+    The resolution is the smallest output of its sites, leaving out those on
+    globally pooled features (squeeze-excitation), so ResNet-50's stage 4 is
+    7x7 although ``layer4.0.conv1`` outputs 14x14.  The modules are, per
+    site, the shortest module path that no site of another stage shares
+    (``layer4``; ``features.13`` .. ``features.16``).
+    """
+    members: dict[int, list] = {}
+    for site in sites:
+        members.setdefault(site.stage, []).append(site)
+    stages = []
+    for index, group in sorted(members.items()):
+        sizes = [s.output_size for s in group if s.input_size != (1, 1)] or [s.output_size for s in group]
+        resolution = min(sizes, key=lambda size: size[0] * size[1])
+        others = {prefix for s in sites if s.stage != index for prefix in _prefixes(s.name)}
+        modules = (next((p for p in _prefixes(s.name) if p not in others), s.name) for s in group)
+        stages.append(Stage(index, resolution, tuple(dict.fromkeys(modules)), len(group)))
+    return stages
+
+
+def _prefixes(name: str) -> list[str]:
+    """``'layer4.0.conv1'`` -> ``['layer4', 'layer4.0', 'layer4.0.conv1']``."""
+    parts = name.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
