@@ -1,8 +1,8 @@
 """Save and load rewritten models.
 
-A checkpoint holds the recipe (base model spec, policy, layer config, input
-shape, and structural passes applied before the rewrite such as a ViT's
-convolutional stem) and the state dict, nothing executable: loading rebuilds
+A checkpoint holds the recipe (base model spec, the rewritten submodule's path
+if only one was, policy, layer config, input shapes, and structural passes
+applied before the rewrite such as a ViT's convolutional stem) and the state dict, nothing executable: loading rebuilds
 the base model, replays those passes and the rewrite and loads the weights
 with ``torch.load(weights_only=True)``.
 """
@@ -40,6 +40,8 @@ def save(hybrid: nn.Module, path: str | Path, *, num_classes: int | None = None,
         "policy": report.policy,
         "config": report.config,
         "input_shape": list(report.input_shape),
+        "input_shapes": [list(shape) for shape in report.input_shapes],
+        "module": report.module,
         "fold_norm": report.fold_norm,
         "num_classes": num_classes,
         "conv_stem": conv_stem,
@@ -72,7 +74,8 @@ def load(path: str | Path, model: nn.Module | None = None) -> fx.GraphModule:
         model = build(payload["spec"])
     if payload.get("num_classes") is not None:
         replace_head(model, payload["num_classes"])
-    inputs = (torch.zeros(payload["input_shape"]),)
+    inputs = tuple(torch.zeros(shape) for shape in payload.get("input_shapes") or [payload["input_shape"]])
+    module = payload.get("module")
     if payload.get("conv_stem") is not None:
         from tcnn_fx.passes.conv_stem import conv_stem
 
@@ -82,7 +85,9 @@ def load(path: str | Path, model: nn.Module | None = None) -> fx.GraphModule:
     hybrid = rewrite(
         model,
         Policy.from_dict(payload["policy"]),
-        inputs,
+        None if module else inputs,
+        module=module,
+        module_inputs=inputs if module else None,
         config=ConvAttentionConfig.from_dict(payload["config"]),
         fold_norm=payload["fold_norm"],
         spec=payload["spec"],

@@ -1,7 +1,7 @@
 """The ``tcnn-fx`` command line.
 
-    tcnn-fx sites MODEL [--input-size 224] [--weights FILE] [--graphml FILE] [--json FILE]
-    tcnn-fx convert MODEL --policy stage4 [--weights FILE] [--verify] [--fold-norm] --out FILE [--onnx FILE]
+    tcnn-fx sites MODEL [--module PATH] [--input-size 224] [--weights FILE] [--graphml FILE] [--json FILE]
+    tcnn-fx convert MODEL [--module PATH] --policy stage4 [--weights FILE] [--verify] [--fold-norm] --out FILE [--onnx FILE]
     tcnn-fx bench MODEL --policy stage4 [--batch 1,8] [--runtime torch,ort] [--json FILE] [--plot FILE]
     tcnn-fx finetune MODEL [--weights FILE] --policy last --data DIR --out RUN [--resume] [--epochs N ...]
     tcnn-fx evaluate MODEL --data DIR [--corruptions all] [--severities 1,2,3,4,5] [--per-class N] [--json FILE]
@@ -34,6 +34,8 @@ from tcnn_fx.policy import Policy
 from tcnn_fx.rewrite import SITES_KEY, report_of, rewrite, trace
 from tcnn_fx.robustness.corruptions import CORRUPTIONS
 from tcnn_fx.sites import site_graph
+from tcnn_fx.stages import module_span, stage_table
+from tcnn_fx.submodule import recorded_inputs, resolve
 from tcnn_fx.training.recipe import OPTIMIZERS, Recipe
 from tcnn_fx.verify import verify
 
@@ -68,10 +70,25 @@ def _gflops(flops: int) -> str:
 
 def sites_command(args) -> None:
     model, inputs = _model_and_inputs(args)
+    if args.module:
+        with console.status(f"running {args.model} to record the inputs of '{args.module}'"):
+            inputs = recorded_inputs(model, args.module, inputs)
+        model = resolve(model, args.module)
     with console.status("tracing and propagating shapes"):
         graph_module = trace(model, inputs)
     sites = graph_module.meta[SITES_KEY]
-    table = Table(title=f"{args.model} at {inputs[0].shape[-1]}px: {len(sites)} convolution sites")
+    where = f"{args.model} '{args.module}'" if args.module else args.model
+    size = "x".join(map(str, inputs[0].shape[-2:]))
+    stages = Table(title=f"{where} at {size}: stages")
+    for column in ("stage", "resolution", "modules", "sites"):
+        stages.add_column(column, justify="left" if column == "modules" else "right")
+    for stage in stage_table(sites):
+        stages.add_row(
+            f"{stage.index}{' (stem)' if stage.index == 0 and any(s.stem for s in sites) else ''}",
+            "x".join(map(str, stage.resolution)), module_span(stage.modules), str(stage.sites),
+        )  # fmt: skip
+    console.print(stages)
+    table = Table(title=f"{where} at {size}: {len(sites)} convolution sites")
     for column in ("site", "stage", "block", "in -> out", "kernel", "stride", "groups", "channels",
                    "conv GFLOPs", "attn GFLOPs", "convertible"):  # fmt: skip
         table.add_column(column, justify="left" if column in ("site", "convertible") else "right")
@@ -102,9 +119,16 @@ def _policy(text: str) -> Policy:
 
 
 def convert_command(args) -> None:
+    if args.module and args.onnx:
+        raise ValueError(
+            "--onnx exports whole classifiers; with --module, export the rewritten submodule from Python: "
+            "tcnn_fx.export.to_onnx(hybrid.get_submodule(MODULE), FILE, inputs)"
+        )
     model, inputs = _model_and_inputs(args)
-    with console.status(f"rewriting with policy {args.policy!r}"):
-        hybrid = rewrite(model, _policy(args.policy), inputs, fold_norm=args.fold_norm, spec=args.model)
+    with console.status(f"rewriting with policy {args.policy!r}" + (f" in '{args.module}'" if args.module else "")):
+        hybrid = rewrite(
+            model, _policy(args.policy), inputs, module=args.module, fold_norm=args.fold_norm, spec=args.model
+        )
     report = report_of(hybrid)
     console.print(f"[bold]{args.model}[/]: {report.summary()}")
     for name in report.converted:
@@ -423,14 +447,22 @@ def build_parser() -> argparse.ArgumentParser:
             )
         sub.add_argument("--seed", type=int, default=0, help="seed of the random example input")
 
-    sites = commands.add_parser("sites", help="print the convolution sites of a model")
+    def submodule(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--module", help="only this submodule (a dotted path such as backbone.body: a detector's backbone); "
+            "its input is recorded by running the model on the example input"
+        )  # fmt: skip
+
+    sites = commands.add_parser("sites", help="print the stages and convolution sites of a model")
     common(sites)
+    submodule(sites)
     sites.add_argument("--json", help="also write the site table as JSON")
     sites.add_argument("--graphml", help="also write the site dataflow graph as GraphML")
     sites.set_defaults(run=sites_command)
 
     convert = commands.add_parser("convert", help="convert, optionally verify, and save a hybrid")
     common(convert)
+    submodule(convert)
     convert.add_argument("--policy", default="stage4", help="policy expression or .json/.yaml policy file")
     convert.add_argument("--verify", action="store_true", help="compare with the original, fail on mismatch")
     convert.add_argument("--fold-norm", action="store_true", help="fold eval-mode batch norms into the layers")

@@ -20,6 +20,7 @@ from tcnn_fx.passes.conv_to_attention import Conversion, convert_sites
 from tcnn_fx.passes.shape_prop import FLOPS_KEY, propagate_shapes
 from tcnn_fx.policy import Policy
 from tcnn_fx.sites import Site, find_sites
+from tcnn_fx.submodule import recorded_inputs, resolve
 
 REPORT_KEY = "tcnn_fx.report"
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
@@ -44,6 +45,8 @@ class RewriteReport:
     folded_norms: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     capture: dict = field(default_factory=dict)
+    module: str | None = None
+    input_shapes: tuple[tuple[int, ...], ...] = ()
 
     @property
     def flop_ratio(self) -> float:
@@ -99,13 +102,15 @@ def rewrite(
     policy: Policy | str | Iterable[str] | dict = "stage4",
     example_inputs: tuple | None = None,
     *,
+    module: str | None = None,
+    module_inputs: tuple | None = None,
     config: ConvAttentionConfig | None = None,
     fold_norm: bool = False,
     verify: bool = False,
     leaf_modules: Iterable[type | str] = (),
     spec: str | None = None,
     **layer_options,
-) -> fx.GraphModule:
+) -> nn.Module:
     """A copy of ``model`` with the sites ``policy`` chooses replaced by ``ConvAttention2d``.
 
     ``example_inputs`` fixes the input shape the sites are analysed at
@@ -114,17 +119,53 @@ def rewrite(
     eval-mode batch norms into the layers.  With ``verify`` the result is
     checked against ``model`` (``tcnn_fx.verify``) and a mismatch raises.
     ``spec`` records how to rebuild the base model (``'torchvision:resnet50'``).
-    The ``RewriteReport`` is ``result.meta['tcnn_fx.report']`` (or
-    ``tcnn_fx.report_of(result)``).
+
+    ``module`` (a dotted path such as ``'backbone.body'``) rewrites only that
+    submodule and returns a copy of the whole model with it replaced; its
+    inputs are recorded by running the model on ``example_inputs``, or given
+    as ``module_inputs``.  Without ``module`` the result is the rewritten
+    ``GraphModule`` itself.  The ``RewriteReport`` is in the rewritten
+    graph's ``meta['tcnn_fx.report']``; ``tcnn_fx.report_of(result)`` finds it.
     """
     if config is not None and layer_options:
         raise TypeError(f"pass either config or layer options {sorted(layer_options)}, not both")
     config = config or ConvAttentionConfig(**layer_options)
     policy = Policy.coerce(policy)
-    example_inputs = default_inputs(model, example_inputs)
+    if module_inputs is not None and module is None:
+        raise TypeError("module_inputs are the inputs of the submodule named by module=; pass module too")
     work = copy.deepcopy(model)
+    if module is None:
+        example_inputs = default_inputs(model, example_inputs)
+        result = _rewrite_copy(work, policy, example_inputs, config, fold_norm, leaf_modules, spec, None)
+    else:
+        target = resolve(work, module)
+        if module_inputs is None:
+            module_inputs = recorded_inputs(work, module, default_inputs(model, example_inputs))
+        graph_module = _rewrite_copy(target, policy, tuple(module_inputs), config, fold_norm, leaf_modules, spec, module)
+        work.set_submodule(module, graph_module)
+        result = work
+    if verify:
+        from tcnn_fx.verify import verify as verify_models
+
+        checked = verify_models(model, result, example_inputs, module_inputs=module_inputs)
+        if not checked.passed:
+            raise AssertionError(f"the rewritten model does not match the original:\n{checked.table()}")
+    return result
+
+
+def _rewrite_copy(
+    work: nn.Module,
+    policy: Policy,
+    example_inputs: tuple,
+    config: ConvAttentionConfig,
+    fold_norm: bool,
+    leaf_modules: Iterable[type | str],
+    spec: str | None,
+    module: str | None,
+) -> fx.GraphModule:
+    """Capture ``work`` (a copy the caller owns), convert the planned sites and attach the report."""
     graph_module = trace(work, example_inputs, config=config, leaf_modules=leaf_modules)
-    graph_module.training = model.training  # submodules keep their own modes; new layers follow the model's
+    graph_module.training = work.training  # submodules keep their own modes; new layers follow the model's
     sites = graph_module.meta[SITES_KEY]
     plan = policy.plan(sites)
     flops = graph_module.meta[FLOPS_KEY]
@@ -134,7 +175,7 @@ def rewrite(
     by_name = {site.name: site for site in sites}
     extra = sum(by_name[c.site].attention_flops - by_name[c.site].conv_flops for c in conversions) * batch
     capture_info = graph_module.meta.get("tcnn_fx.capture")
-    report = RewriteReport(
+    graph_module.meta[REPORT_KEY] = RewriteReport(
         converted=tuple(c.site for c in conversions),
         skipped=plan.skipped,
         flops=flops,
@@ -150,14 +191,9 @@ def rewrite(
         folded_norms=_folded(conversions),
         notes=tuple(c.note for c in conversions if c.note),
         capture=dict(capture_info.fallback_leaves) if capture_info else {},
+        module=module,
+        input_shapes=tuple(tuple(x.shape) for x in example_inputs),
     )
-    graph_module.meta[REPORT_KEY] = report
-    if verify:
-        from tcnn_fx.verify import verify as verify_models
-
-        result = verify_models(model, graph_module, example_inputs)
-        if not result.passed:
-            raise AssertionError(f"the rewritten model does not match the original:\n{result.table()}")
     return graph_module
 
 
@@ -170,9 +206,27 @@ def _folded(conversions: list[Conversion]) -> dict[str, str]:
     return {c.site: c.folded_norm for c in conversions if c.folded_norm}
 
 
-def report_of(hybrid: nn.Module) -> RewriteReport:
-    """The ``RewriteReport`` of a module ``rewrite`` returned."""
-    report = getattr(hybrid, "meta", {}).get(REPORT_KEY)
-    if report is None:
+def located_report(hybrid: nn.Module) -> tuple[str, RewriteReport]:
+    """Where in ``hybrid`` its ``RewriteReport`` is (``''``: ``hybrid`` itself is the rewritten graph), and the report."""
+    report = getattr(hybrid, "meta", {}).get(REPORT_KEY) if isinstance(hybrid, fx.GraphModule) else None
+    if report is not None:
+        return "", report
+    found = [
+        (name, module.meta[REPORT_KEY])
+        for name, module in hybrid.named_modules()
+        if isinstance(module, fx.GraphModule) and REPORT_KEY in module.meta
+    ]
+    if not found:
         raise ValueError(f"{type(hybrid).__name__} was not produced by tcnn_fx.rewrite (no report attached)")
-    return report
+    if len(found) > 1:
+        names = [name for name, _ in found]
+        raise ValueError(
+            f"{type(hybrid).__name__} holds {len(found)} rewritten submodules {names}; "
+            "ask for one: report_of(model.get_submodule(name))"
+        )
+    return found[0]
+
+
+def report_of(hybrid: nn.Module) -> RewriteReport:
+    """The ``RewriteReport`` of a model ``rewrite`` returned (or of the one rewritten submodule it holds)."""
+    return located_report(hybrid)[1]

@@ -72,15 +72,14 @@ def _register_library_types() -> None:
     except ImportError:
         pass
     try:  # by module path: timm.layers re-exports functions under some of these modules' names
-        activations, norm, norm_act, padding = (
-            importlib.import_module(f"timm.layers.{name}") for name in ("activations", "norm", "norm_act", "padding")
+        activations, norm, norm_act = (
+            importlib.import_module(f"timm.layers.{name}") for name in ("activations", "norm", "norm_act")
         )
     except ImportError:
         return
     for module in (norm, norm_act):
         NORM_TYPES.update(cls for cls in _modules_defined_in(module) if "Norm" in cls.__name__ or "Frozen" in cls.__name__)
     ACTIVATION_TYPES.update(_modules_defined_in(activations))
-    PAD_VALUE_ARGUMENT[padding.pad_same] = 4
 
 
 def _modules_defined_in(module) -> list[type]:
@@ -122,6 +121,7 @@ class Site:
     input_node: str = ""
     reason: str | None = None
     pad_node: str | None = None
+    absorbed: tuple[str, ...] = ()
     norm_node: str | None = None
     norm_type: str | None = None
     activation_node: str | None = None
@@ -179,7 +179,12 @@ def _type_name(graph_module: fx.GraphModule, node: fx.Node) -> str:
 
 
 def _zero_pad_sides(graph_module: fx.GraphModule, node: fx.Node) -> tuple[int, int, int, int] | None:
-    """(top, bottom, left, right) of a spatial zero pad node, or ``None`` if ``node`` is not one."""
+    """(top, bottom, left, right) of a spatial zero pad by constant amounts, or ``None`` if ``node`` is not one.
+
+    Amounts computed from the input size (TensorFlow-style 'same', timm's
+    ``pad_same``) are not constant: such a pad stays in the graph before the
+    converted layer, so the hybrid pads as the model does at every input size.
+    """
     module = _module(graph_module, node)
     if isinstance(module, (nn.ZeroPad2d, nn.ConstantPad2d)):
         if isinstance(module, nn.ConstantPad2d) and module.value != 0:
@@ -191,20 +196,13 @@ def _zero_pad_sides(graph_module: fx.GraphModule, node: fx.Node) -> tuple[int, i
     position = PAD_VALUE_ARGUMENT[node.target]
     value = node.kwargs.get("value", node.args[position] if len(node.args) > position else 0)
     mode = node.kwargs.get("mode", node.args[2] if node.target is F.pad and len(node.args) > 2 else "constant")
-    if mode != "constant" or value not in (0, 0.0, None):
-        return None
-    before, after = spatial_size(node.args[0]), spatial_size(node)
-    if before is None or after is None or node.meta["val"].shape[:2] != node.args[0].meta["val"].shape[:2]:
-        return None  # pads a batch or channel axis: not a spatial padding
     pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    if mode != "constant" or value not in (0, 0.0, None) or spatial_size(node.args[0]) is None:
+        return None
     if isinstance(pad, (list, tuple)) and len(pad) == 4 and all(isinstance(p, int) for p in pad):
         left, right, top, bottom = pad
         return (top, bottom, left, right)
-    # Computed amounts (TensorFlow-style 'same'): the shapes say the totals, the odd pixel goes last.
-    total_h, total_w = after[0] - before[0], after[1] - before[1]
-    if total_h < 0 or total_w < 0:
-        return None
-    return (total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2)
+    return None
 
 
 def _conv_arguments(node: fx.Node) -> dict:
@@ -269,8 +267,14 @@ class _SiteBuilder:
         return True
 
     def _with_pad(self, node: fx.Node, source: fx.Node, facts: dict) -> dict:
-        """Absorb an explicit zero pad that feeds only this convolution into the site's geometry."""
+        """Absorb what feeds only this convolution on the way in: a zero pad by constant amounts, and the
+        convolution module's own ``nn.Identity`` or pad children (a ``Conv2d`` subclass that owns its
+        'same' padding calls them in its ``forward``)."""
         facts["node"], facts["pad_node"] = node.name, None
+        absorbed = []
+        while len(source.users) == 1 and self._owned_identity(source, facts["name"]):
+            absorbed.append(source.name)
+            source = source.args[0]
         sides = _zero_pad_sides(self.graph_module, source) if len(source.users) == 1 else None
         geometry: ConvGeometry = facts["geometry"]
         if sides is not None and geometry.padding_mode == "zeros":
@@ -279,12 +283,25 @@ class _SiteBuilder:
                 geometry.kernel_size, geometry.stride, geometry.dilation, total, "zeros", geometry.groups
             )
             facts["pad_node"] = source.name
+            absorbed.append(source.name)
             source = source.args[0]
+            while len(source.users) == 1 and self._owned_identity(source, facts["name"]):
+                absorbed.append(source.name)
+                source = source.args[0]
+        facts["absorbed"] = tuple(absorbed)
         facts["input_node"] = source.name
         facts["input_size"] = spatial_size(source)
         facts["output_size"] = spatial_size(node)
         facts.update(self._followers(node))
         return facts
+
+    def _owned_identity(self, node: fx.Node, owner: str) -> bool:
+        """An ``nn.Identity`` child of the convolution's own module (what a 'same' pad is when none is needed)."""
+        return (
+            node.op == "call_module"
+            and str(node.target).startswith(owner + ".")
+            and isinstance(_module(self.graph_module, node), nn.Identity)
+        )
 
     def _followers(self, node: fx.Node) -> dict:
         found = dict(norm_node=None, norm_type=None, activation_node=None, activation_type=None)
@@ -355,7 +372,7 @@ def site_graph(graph_module: fx.GraphModule, sites: list[Site]) -> nx.DiGraph:
     with ``networkx.write_graphml`` or ``networkx.nx_pydot.write_dot``.
     """
     by_node = {site.node: site for site in sites}
-    pad_of = {site.pad_node: site.node for site in sites if site.pad_node}
+    absorbed_by = {name: site.node for site in sites for name in site.absorbed}
     graph = nx.DiGraph()
     for site in sites:
         graph.add_node(site.name, **_scalar_attributes(site))
@@ -367,7 +384,7 @@ def site_graph(graph_module: fx.GraphModule, sites: list[Site]) -> nx.DiGraph:
             if node.name in seen:
                 continue
             seen.add(node.name)
-            target = by_node.get(node.name) or by_node.get(pad_of.get(node.name, ""))
+            target = by_node.get(node.name) or by_node.get(absorbed_by.get(node.name, ""))
             if target is not None:
                 graph.add_edge(site.name, target.name)
             else:

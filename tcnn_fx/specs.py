@@ -1,13 +1,15 @@
 """Model specs: build a model from a string such as ``torchvision:resnet50``, ``timm:resnetrs50``,
 ``cifar:resnet20`` or ``path/to/file.py:factory``, and load weights into it.
 
-Nothing is downloaded: library models are built with random weights, and
+Nothing is downloaded: library models are built with random weights (torchvision
+detection and segmentation models with a random backbone too), and
 ``weights`` names a local file.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import re
 from pathlib import Path
 
@@ -43,7 +45,7 @@ def build(spec: str, *, num_classes: int | None = None) -> nn.Module:
 
         if name not in torchvision.models.list_models():
             raise ValueError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
-        return torchvision.models.get_model(name, weights=None, **extra)
+        return torchvision.models.get_model(name, **_no_downloads(torchvision.models.get_model_builder(name)), **extra)
     if source == "timm":
         import timm
 
@@ -58,6 +60,13 @@ def build(spec: str, *, num_classes: int | None = None) -> nn.Module:
     if source.endswith(".py"):
         return _from_file(Path(source), name, extra)
     raise ValueError(f"unknown model source {source!r} in {spec!r}; use torchvision, timm, cifar or a .py file")
+
+
+def _no_downloads(builder) -> dict:
+    """Keyword arguments that keep a torchvision builder from fetching weights: detection and segmentation
+    models default to an ImageNet backbone (``weights_backbone``), which would be downloaded."""
+    parameters = inspect.signature(builder).parameters
+    return {name: None for name in ("weights", "weights_backbone") if name in parameters}
 
 
 def _from_file(path: Path, factory: str, extra: dict) -> nn.Module:

@@ -16,7 +16,8 @@ import torch
 from torch import fx, nn
 
 from tcnn_fx.capture import capture, restored_modes
-from tcnn_fx.rewrite import report_of
+from tcnn_fx.rewrite import located_report
+from tcnn_fx.submodule import recorded_inputs, resolve
 
 DEFAULT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
@@ -86,15 +87,33 @@ class _Recorder(fx.Interpreter):
 
 
 def verify(
-    original: nn.Module, rewritten: nn.Module, example_inputs: tuple, *, rtol: float | None = None, atol: float = 0.0
+    original: nn.Module,
+    rewritten: nn.Module,
+    example_inputs: tuple | None,
+    *,
+    rtol: float | None = None,
+    atol: float = 0.0,
+    module_inputs: tuple | None = None,
 ) -> VerifyReport:
     """Compare ``rewritten`` (from ``tcnn_fx.rewrite``) with ``original`` on ``example_inputs``.
 
     ``rtol`` bounds max|a - b| / max|b| (default by dtype: 1e-5 float32,
     1e-10 float64); an output also passes if its max absolute difference is
-    at most ``atol``.
+    at most ``atol``.  Where ``rewrite`` converted a submodule
+    (``module=``), the rewritten submodule is compared with the original's
+    on the inputs it receives when ``original`` runs on ``example_inputs``
+    (or on ``module_inputs``): a detector's post-processing (NMS) is not
+    part of the check.
     """
-    report = report_of(rewritten)
+    path, report = located_report(rewritten)
+    if path:
+        if module_inputs is None:
+            if example_inputs is None:
+                raise TypeError("give the model's example_inputs (or the submodule's module_inputs) to verify")
+            module_inputs = recorded_inputs(original, path, example_inputs)
+        original, rewritten, example_inputs = resolve(original, path), resolve(rewritten, path), tuple(module_inputs)
+    elif example_inputs is None:
+        raise TypeError("verify needs example_inputs")
     dtype = example_inputs[0].dtype
     rtol = DEFAULT_RTOL.get(dtype, 1e-5) if rtol is None else rtol
     wanted = {name for pair in report.site_nodes.values() for name in pair}

@@ -115,3 +115,48 @@ class SequenceFirstViT(nn.Module):
             normed = norm(tokens)
             tokens = tokens + attention(normed, normed, normed, need_weights=False)[0]
         return self.head(tokens.mean(0))
+
+
+class StaticSamePadConv(nn.Conv2d):
+    """A convolution that owns its TensorFlow-style 'same' padding as a child module, fixed for one image
+    size (``nn.ZeroPad2d``, or ``nn.Identity`` where none is needed), and calls it in ``forward`` before
+    ``F.conv2d``: how widely used third-party EfficientNet/MobileNet packages write their convolutions."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, image_size=16, **kwargs):
+        super().__init__(in_channels, out_channels, kernel_size, stride, **kwargs)
+        pads = []
+        for size, kernel, step, dilation in zip((image_size, image_size), self.kernel_size, self.stride, self.dilation):
+            pads.append(max((-(-size // step) - 1) * step + (kernel - 1) * dilation + 1 - size, 0))
+        pad_h, pad_w = pads
+        if pad_h > 0 or pad_w > 0:
+            self.static_padding = nn.ZeroPad2d((pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        else:
+            self.static_padding = nn.Identity()
+
+    def forward(self, x):
+        x = self.static_padding(x)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class StaticSameNet(nn.Module):
+    """An EfficientNet-like net built from ``StaticSamePadConv``: stem, a depthwise block with a residual,
+    a stride-2 depthwise block, a 1x1 conv (its padding child is an ``nn.Identity``) and a head."""
+
+    def __init__(self, image_size: int = 16, width: int = 8, classes: int = 4):
+        super().__init__()
+        self._conv_stem = StaticSamePadConv(3, width, 3, stride=2, image_size=image_size, bias=False)
+        self._bn0 = nn.BatchNorm2d(width)
+        size = image_size // 2
+        self._depthwise_conv = StaticSamePadConv(width, width, 3, groups=width, image_size=size, bias=False)
+        self._bn1 = nn.BatchNorm2d(width)
+        self._reduce_conv = StaticSamePadConv(width, 2 * width, 3, stride=2, image_size=size, bias=False)
+        self._project_conv = StaticSamePadConv(2 * width, 2 * width, 1, image_size=size // 2, bias=False)
+        self._conv_head = StaticSamePadConv(2 * width, 2 * width, 3, image_size=size // 2)
+        self._fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        x = F.silu(self._bn0(self._conv_stem(x)))
+        x = x + F.silu(self._bn1(self._depthwise_conv(x)))
+        x = self._project_conv(F.silu(self._reduce_conv(x)))
+        x = x + self._conv_head(x)
+        return self._fc(x.mean((2, 3)))

@@ -47,8 +47,9 @@ def test_torchvision_resnet50_stage_convention():
 def test_functional_shared_and_computed_weight_convolutions():
     sites, _ = sites_of(FunctionalNet(), size=16)
     same = sites["same"]
-    assert same.kind == "functional" and same.convertible and same.pad_node is not None
-    assert same.geometry.padding == (0, 1, 0, 1) and same.input_size == (16, 16) and same.output_size == (8, 8)
+    # Its pad amounts are computed from the input size: the pad stays before the site, which sees the padded input.
+    assert same.kind == "functional" and same.convertible and same.pad_node is None and not same.absorbed
+    assert same.geometry.padding == (0, 0, 0, 0) and same.input_size == (17, 17) and same.output_size == (8, 8)
     assert same.norm_type == "GroupNorm" and same.activation_type == "relu"
     assert not sites["shared"].convertible and "2 places" in sites["shared"].reason
     computed = next(s for s in sites.values() if s.kind == "functional" and s.name != "same")

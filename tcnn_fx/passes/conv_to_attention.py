@@ -1,8 +1,9 @@
 """The transform: replace planned convolution sites by ``ConvAttention2d``.
 
 Works on a ``GraphModule`` in place (``tcnn_fx.rewrite`` hands it a copy).  A
-site's convolution node, and the zero pad feeding it if the site absorbed one,
-become one ``call_module`` node to a ``ConvAttention2d`` installed at the
+site's convolution node, and what feeds it that the site absorbed (a zero pad,
+the convolution module's own padding or identity children), become one
+``call_module`` node to a ``ConvAttention2d`` installed at the
 site's qualified name, so the new layer's ``weight`` and ``bias`` keep the
 convolution's state-dict keys.  Optionally an eval-mode batch norm after the
 convolution is folded into the layer's weights.
@@ -50,11 +51,15 @@ def _weights(graph_module: fx.GraphModule, site: Site, nodes: dict[str, fx.Node]
 
 
 def _check_owner(graph_module: fx.GraphModule, site: Site, nodes: dict[str, fx.Node]) -> None:
-    """A functional site's layer replaces the module owning its weight: nothing else may use that module."""
+    """A functional site's layer replaces the module owning its weight: nothing else may use that module.
+
+    The site's own nodes may: the weight and bias reads, and the padding or
+    identity children the module calls before its convolution (absorbed).
+    """
     if site.kind == "module":
         return
     conv = nodes[site.node]
-    own = {a.name for a in conv.all_input_nodes if a.op == "get_attr"}
+    own = {a.name for a in conv.all_input_nodes if a.op == "get_attr"} | set(site.absorbed)
     for node in graph_module.graph.nodes:
         target = str(node.target)
         if node.op in ("get_attr", "call_module") and (target == site.name or target.startswith(site.name + ".")):
@@ -91,7 +96,9 @@ def convert_sites(
         # The convolution is discarded with the graph's copy of the model: its tensors become the layer's.
         layer = ConvAttention2d.from_weights(site.geometry, weight, bias, config, adopt=True)
         layer.train(graph_module.training)
-        source = nodes[site.pad_node].args[0] if site.pad_node else conv.args[0]
+        source = conv.args[0]  # read now: a site converted before this one may have replaced the input
+        while source.name in site.absorbed:
+            source = source.args[0]
         out, folded, note = conv, None, None
         if fold_norm and site.norm_node:
             norm_node = nodes[site.norm_node]
@@ -107,7 +114,7 @@ def convert_sites(
         replacement.meta.update(out.meta)
         replacement.meta["tcnn_fx.site"] = site
         out.replace_all_uses_with(replacement)
-        for name in (site.norm_node if folded else None, site.node, site.pad_node):
+        for name in (site.norm_node if folded else None, site.node, *site.absorbed):
             if name is not None and not nodes[name].users:
                 graph_module.graph.erase_node(nodes[name])
         conversions.append(Conversion(site.name, folded, note))
