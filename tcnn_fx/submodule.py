@@ -43,11 +43,19 @@ def recorded_inputs(model: nn.Module, path: str, example_inputs: tuple) -> tuple
     no autograd) on ``example_inputs``.  The model's modes are restored; its weights are not touched."""
     submodule = resolve(model, path)
     calls: list[tuple[tuple, dict]] = []
+    called: dict[str, None] = {}  # the neighbours that did run, to say what would work instead
 
     def record(module, args, kwargs):
         calls.append((args, kwargs))
 
-    handle = submodule.register_forward_pre_hook(record, with_kwargs=True)
+    def neighbour(name):
+        return lambda module, args: called.setdefault(name)
+
+    parts = path.split(".")
+    neighbours = {".".join(parts[:i]): None for i in range(1, len(parts))}
+    neighbours.update({f"{path}.{name}": None for name, _ in submodule.named_children()})
+    handles = [submodule.register_forward_pre_hook(record, with_kwargs=True)]
+    handles += [model.get_submodule(name).register_forward_pre_hook(neighbour(name)) for name in neighbours]
     try:
         with restored_modes(model), torch.no_grad():
             model.eval()
@@ -60,11 +68,13 @@ def recorded_inputs(model: nn.Module, path: str, example_inputs: tuple) -> tuple
                         f"'{path}' ({type(error).__name__}: {error}); pass the submodule's own inputs as module_inputs"
                     ) from error
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     if not calls:
+        instead = f"; modules near it that are called: {list(called)}" if called else ""
         raise SubmoduleError(
-            f"'{path}' is not called when {type(model).__name__} runs on the example inputs; "
-            "pass the submodule's own inputs as module_inputs"
+            f"'{path}' is not called when {type(model).__name__} runs on the example inputs{instead}; "
+            "name a module that is called, or pass the submodule's own inputs as module_inputs"
         )
     args, kwargs = calls[0]
     if kwargs or not args or not all(isinstance(a, torch.Tensor) for a in args):
