@@ -58,7 +58,7 @@ def kendall(a: list[float], b: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
-    parser.add_argument("--base-policy", default="stage>=2", help="sites the space may convert (grouped per block)")
+    parser.add_argument("--base-policy", default="stage>=3", help="sites the space may convert (grouped per block)")
     parser.add_argument("--masks", type=int, default=10, help="random masks when the space has more than this many")
     parser.add_argument("--epochs", type=int, default=1, help="short fine-tune: epochs")
     parser.add_argument("--train-per-class", type=int, default=300, help="short fine-tune: images per class")
