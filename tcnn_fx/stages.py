@@ -20,7 +20,9 @@ So a stage is computed from three analyses of the captured graph:
 * **join** of a node: the first node that every path from it to an output
   passes through and that merges in a value computed without it, the
   residual addition that closes its block.  A node's *stage depth* is the
-  larger of its own depth and its join's, so a block is staged as a whole.
+  larger of its own depth and its join's own level (recursively), so a
+  block is staged as a whole; a 1x1 expansion feeding a strided
+  convolution is staged with it.
 * **blocks**: the nodes no other value is live across (the outputs of
   residual blocks; the model's outputs are not counted as later uses, so a
   feature extractor returning every stage's output still has blocks).  A
@@ -103,9 +105,11 @@ def _power_of_two_log(value: int) -> int:
 
 def node_depths(
     graph: fx.Graph, network_input: tuple[int, int], convolutions: dict[str, ConvGeometry]
-) -> tuple[dict[str, int], set[str]]:
-    """Depth of every node (see the module docstring) and the names of globally pooled nodes."""
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Depth of every node computed from the input (see the module docstring), and each node's own level:
+    its resolution's (and dilation's) alone, without what it inherits from its inputs."""
     depths: dict[str, int] = {}
+    levels: dict[str, int] = {}
     pooled: set[str] = set()
     for node in graph.nodes:
         if not _holds_tensors(node):
@@ -126,10 +130,11 @@ def node_depths(
             else:
                 own = max(round(math.log2(i / o)) for i, o in zip(network_input, size))
                 own += max(map(_power_of_two_log, convolutions[node.name].dilation)) if node.name in convolutions else 0
+                levels[node.name] = own
         candidates = [d for d in (own, inherited) if d is not None]
         if candidates:
             depths[node.name] = max(candidates)
-    return depths, pooled
+    return depths, levels
 
 
 def stem_nodes(graph: fx.Graph, depths: dict[str, int], convolutions: set[str], expansions: set[str]) -> list[str]:
@@ -260,45 +265,38 @@ def _dilation_gains(
     """Depths raised back to the block that opened a dilated stage.
 
     A node deeper than its inputs by dilation alone (its resolution did not
-    change) opens a dilated stage; the nodes since the last block that
-    changed the channel width (after the previous deepening) are raised to
-    its depth.
+    change) opens a dilated stage; the nodes from the latest block since the
+    previous deepening that changed the channel width (``layer3.0``, which
+    keeps the previous dilation) are raised to its depth, and so is what
+    follows them.
     """
     nodes = list(graph.nodes)
-    width = {n.name: n.meta["val"].shape[1] for n in nodes if isinstance(n.meta.get("val"), torch.Tensor)
-             and n.meta["val"].dim() == 4}  # fmt: skip
-    block_ends = {}
-    for node in nodes:
-        block_ends[block_of[node.name]] = node.name
+    width = {n.name: n.meta["val"].shape[1] for n in nodes if spatial_size(n) is not None}
+    first, last = {}, {}
+    for position, node in enumerate(nodes):
+        first.setdefault(block_of[node.name], position)
+        last[block_of[node.name]] = position
     raised = dict(depths)
-    last_deepening = 0
+    previous_deepening = 0
     for position, node in enumerate(nodes):
         inputs = _tensor_inputs(node)
         before = max((raised.get(a.name, -1) for a in inputs), default=-1)
         if node.name in stem or node.name not in raised or raised[node.name] <= before or not inputs:
             continue
-        by_resolution = [spatial_size(a) for a in inputs]
-        if spatial_size(node) not in by_resolution:  # a stride or a pool: a stage opens right here
-            last_deepening = position
-            continue
-        # Deeper by dilation: find the latest width-changing block end after the previous deepening.
-        start = position
-        for back in range(position - 1, last_deepening, -1):
-            end = nodes[back].name
-            if block_ends.get(block_of[end]) != end:
-                continue
-            previous_end = block_ends.get(block_of[end] - 1)
-            if previous_end in width and end in width and width[previous_end] != width[end]:
-                start = nodes.index(next(n for n in nodes if block_of[n.name] == block_of[end]))
-                break
-        for earlier in nodes[start:position]:
-            if earlier.name in raised and earlier.name not in stem:
-                raised[earlier.name] = max(raised[earlier.name], raised[node.name])
-        for later in nodes[position:]:  # what follows inherits the raised depths
-            inherited = max((raised.get(a.name, -1) for a in _tensor_inputs(later)), default=-1)
-            if later.name in raised:
-                raised[later.name] = max(raised[later.name], inherited)
-        last_deepening = position
+        if spatial_size(node) in [spatial_size(a) for a in inputs]:  # deeper by dilation alone
+            start = position
+            for block in range(block_of[node.name] - 1, block_of[nodes[previous_deepening].name], -1):
+                end, before_block = nodes[last[block]].name, nodes[first[block] - 1].name
+                if end in width and before_block in width and width[end] != width[before_block]:
+                    start = first[block]
+                    break
+            for offset, later in enumerate(nodes[start:]):
+                if later.name not in raised or later.name in stem:
+                    continue
+                floor = raised[node.name] if start + offset < position else -1
+                inherited = max((raised.get(a.name, -1) for a in _tensor_inputs(later)), default=-1)
+                raised[later.name] = max(raised[later.name], inherited, floor)
+        previous_deepening = position
     return raised
 
 
@@ -337,7 +335,7 @@ def assign_stages(graph_module: fx.GraphModule, convolutions: dict[str, ConvGeom
     network_input = spatial_size(placeholder)
     if network_input is None:
         raise ValueError(f"the first input '{placeholder.name}' is not an NCHW image batch; stages need one")
-    depths, _ = node_depths(graph, network_input, convolutions)
+    depths, levels = node_depths(graph, network_input, convolutions)
     expansions = _expansions(graph, depths, convolutions)
     stem = set(stem_nodes(graph, depths, set(convolutions), set(expansions)))
     block_of = blocks(graph)
@@ -347,12 +345,17 @@ def assign_stages(graph_module: fx.GraphModule, convolutions: dict[str, ConvGeom
     depths = _dilation_gains(graph, depths, block_of, stem)
     joins = _joins(graph)
     inputs = {n.name for n in graph.nodes if n.op == "placeholder"}
+    # How deep a node's block goes: its own level, and that of its join and expanded convolution, recursively.
+    # Own levels, not inherited depths: a decoder's addition at 1/8 that merges upsampled 1/32 features
+    # (LR-ASPP, U-Nets) is at 1/8 and raises nothing before it.
+    reach: dict[str, int] = {}
     stage_depth: dict[str, int] = {}
     for node in reversed(graph.nodes):  # joins and expanded convolutions come later in the graph
         name = node.name
+        ahead = [reach[target] for target in (joins.get(name), expansions.get(name)) if target in reach]
+        reach[name] = max([levels.get(name, -1), *ahead])
         if name in depths and name not in stem and name not in inputs:
-            later = (stage_depth.get(joins.get(name)), stage_depth.get(expansions.get(name)))
-            stage_depth[name] = max([depths[name], *(d for d in later if d is not None)])
+            stage_depth[name] = max([depths[name], *ahead])
     levels = sorted(set(stage_depth.values()))
     stage_of = {name: 0 for name in stem}
     stage_of.update({name: levels.index(depth) + 1 for name, depth in stage_depth.items()})
