@@ -15,7 +15,11 @@ from torch import nn
 from tcnn_fx import ConvAttention2d, ConvAttentionConfig
 from tcnn_fx.layers import native
 
-needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler to build the kernel")
+# The kernel is checked where layers use it: a C++ compiler to build it, a processor it is used on by default.
+needs_compiler = pytest.mark.skipif(
+    shutil.which("c++") is None or not native.enabled(),
+    reason="the kernel is used on AVX-512 processors with a C++ compiler (TCNN_FX_NATIVE=1 elsewhere is unchecked)",
+)
 
 
 def opened(layer: ConvAttention2d, gate: float) -> ConvAttention2d:
@@ -128,11 +132,24 @@ def test_setting_zero_keeps_layers_on_operators(monkeypatch):
         assert relative_error(ConvAttention2d.from_conv(conv)(x), conv(x)) <= 1e-6
 
 
+def test_kernel_is_used_by_default_only_on_avx512(monkeypatch):
+    monkeypatch.delenv(native.SETTING, raising=False)
+    for capability, expected in (("AVX512", True), ("AVX2", False), ("DEFAULT", False)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        assert native.enabled() is expected
+    monkeypatch.setenv(native.SETTING, "1")
+    assert native.enabled()
+    monkeypatch.setenv(native.SETTING, "0")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert not native.enabled()
+
+
 def test_failed_build_warns_once_and_falls_back(monkeypatch):
     def fail(**_):
         raise RuntimeError("Error building extension 'tcnn_fx_attend_gather': no compiler")
 
     monkeypatch.setattr(native._cpp_extension(), "load", fail)
+    monkeypatch.setenv(native.SETTING, "1")  # the build is attempted on any processor
     native._module.cache_clear()
     try:
         conv = nn.Conv2d(8, 8, 3, padding=1)

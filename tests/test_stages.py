@@ -150,3 +150,9 @@ def test_resolution_rules_are_their_own_axis():
 def test_tiny_resnet_numbers():
     sites, _ = sites_of(TinyResNet(), size=16)
     assert [s.stage for s in sites] == [0, 1, 2, 2, 2]
+
+
+def test_rewrite_with_a_leaf_still_finds_stage4():
+    model = torchvision.models.resnet18().eval()
+    hybrid = tcnn_fx.rewrite(model, "stage4", (torch.randn(1, 3, 64, 64),), leaf_modules=["layer1"])
+    assert tcnn_fx.report_of(hybrid).converted == ("layer4.0.conv1", "layer4.0.conv2", "layer4.1.conv1", "layer4.1.conv2")

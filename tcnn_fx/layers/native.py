@@ -12,9 +12,13 @@ It is compiled with the machine's C++ compiler through
 ``torch.utils.cpp_extension`` the first time a layer runs CPU inference (about
 40 s, once: the library is cached under ``TORCH_EXTENSIONS_DIR``), for the SIMD
 level PyTorch itself dispatches to, and runs on PyTorch's own thread pool.
-Without a compiler, where the build or the load fails (one warning says why),
-or with ``TCNN_FX_NATIVE=0``, layers compose PyTorch operators instead: the
-same results to float32 rounding, slower.
+By default it is used where PyTorch dispatches to AVX-512, the SIMD level it
+was written and measured for; built for AVX2 it measured several times slower
+than the composed operators (docs/results/conv_attention_speed.md), so other
+processors compose PyTorch operators.  ``TCNN_FX_NATIVE=1`` uses it on any
+processor, ``0`` never.  Without a compiler, or where the build or the load
+fails (one warning says why), layers compose PyTorch operators instead: the
+same results to float32 rounding.
 """
 
 from __future__ import annotations
@@ -29,8 +33,11 @@ from pathlib import Path
 
 import torch
 
-#: Environment variable: ``0`` keeps every layer on PyTorch operators (no build).
+#: Environment variable: ``0`` keeps every layer on PyTorch operators (no build); ``1`` uses the kernel on any
+#: processor; unset (or ``auto``), only where PyTorch dispatches to AVX-512.
 SETTING = "TCNN_FX_NATIVE"
+#: The SIMD levels the kernel is used at by default (where it was measured faster than PyTorch's operators).
+DEFAULT_CAPABILITIES = ("AVX512",)
 SOURCE = Path(__file__).with_name("csrc") / "attend_gather.cpp"
 #: Compiler flags for the SIMD levels ``torch.backends.cpu.get_cpu_capability()`` reports; others build portable code.
 SIMD_FLAGS = {
@@ -45,8 +52,11 @@ log = logging.getLogger(__name__)
 
 
 def enabled() -> bool:
-    """Whether layers may use the compiled kernel (``TCNN_FX_NATIVE`` is not ``0``)."""
-    return os.environ.get(SETTING, "1") != "0"
+    """Whether layers may use the compiled kernel: ``TCNN_FX_NATIVE=1``, or unset on an AVX-512 processor."""
+    setting = os.environ.get(SETTING, "auto")
+    if setting == "auto":
+        return torch.backends.cpu.get_cpu_capability() in DEFAULT_CAPABILITIES
+    return setting != "0"
 
 
 def _cpp_extension():
