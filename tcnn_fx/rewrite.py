@@ -19,6 +19,7 @@ from tcnn_fx.layers import ConvAttentionConfig
 from tcnn_fx.passes.conv_to_attention import Conversion, convert_sites
 from tcnn_fx.passes.shape_prop import FLOPS_KEY, propagate_shapes
 from tcnn_fx.policy import Policy
+from tcnn_fx.leaf_sites import INNER, find_leaf_sites
 from tcnn_fx.sites import Site, find_sites
 from tcnn_fx.submodule import recorded_inputs, resolve
 
@@ -74,16 +75,19 @@ def trace(
     Every node gets ``meta['val']`` (its output as a meta tensor); every
     convolution node ``meta['tcnn_fx.site']`` (its ``Site``: resolution,
     stage, cost ...); the graph module ``meta['tcnn_fx.sites']`` (all sites in
-    graph order) and ``meta['tcnn_fx.capture']`` (modules kept whole and why).
+    graph order, then those inside modules capture kept whole, of kind
+    ``'inner'``) and ``meta['tcnn_fx.capture']`` (modules kept whole and why).
     The graph module shares ``model``'s submodules: copy the model first to
     change it independently.
     """
     graph_module = capture(model, example_inputs, leaf_modules=leaf_modules)
-    propagate_shapes(graph_module, example_inputs)
+    info = graph_module.meta["tcnn_fx.capture"]
+    propagate_shapes(graph_module, example_inputs, look_inside=(*info.fallback_leaves, *info.mode_leaves))
     sites = find_sites(graph_module, config)
     nodes = {n.name: n for n in graph_module.graph.nodes}
     for site in sites:
         nodes[site.node].meta["tcnn_fx.site"] = site
+    sites += find_leaf_sites(graph_module, config)
     graph_module.meta[SITES_KEY] = sites
     return graph_module
 
@@ -198,7 +202,13 @@ def _rewrite_copy(
 
 
 def _compared_nodes(site: Site, conversion: Conversion) -> tuple[str, str]:
-    """The original graph's nodes a converted site must reproduce: its input, and its conv (or folded norm)."""
+    """The original graph's nodes a converted site must reproduce: its input, and its conv (or folded norm).
+
+    A site inside a module kept whole has no nodes: ``(INNER, INNER)``, and
+    ``verify`` records its module's input and output with hooks instead.
+    """
+    if site.kind == INNER:
+        return (INNER, INNER)
     return (site.input_node, site.norm_node if conversion.folded_norm else site.node)
 
 

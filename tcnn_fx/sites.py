@@ -50,6 +50,11 @@ PAD_VALUE_ARGUMENT: dict = {F.pad: 3, torch.constant_pad_nd: 2}
 CONV_FUNCTIONS: set = {F.conv2d, torch.conv2d}
 
 
+#: ``node.meta`` keys ``find_sites`` writes: the node's stage (nodes computed from the input) and block.
+STAGE_KEY = "tcnn_fx.stage"
+BLOCK_KEY = "tcnn_fx.block"
+
+
 def register_norm(cls: type) -> type:
     """Make modules of type ``cls`` count as a site's normalisation (usable as a class decorator)."""
     NORM_TYPES.add(cls)
@@ -234,7 +239,7 @@ class _SiteBuilder:
         if reason is None and self.call_counts[node.target] > 1:
             reason = f"the module is called at {self.call_counts[node.target]} places in the graph (shared weights)"
         return self._with_pad(node, node.args[0], dict(
-            name=node.target, kind="module", geometry=geometry, in_channels=conv.in_channels,
+            name=node.target, owner=node.target, kind="module", geometry=geometry, in_channels=conv.in_channels,
             out_channels=conv.out_channels, bias=conv.bias is not None, reason=reason,
         ))  # fmt: skip
 
@@ -254,8 +259,9 @@ class _SiteBuilder:
         bias = args["bias"]
         if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr" and self._is_parameter(bias.target)):
             reason = reason or "the bias is not a parameter"
+        owner = weight.target.rsplit(".", 1)[0] if is_attribute and "." in weight.target else ""
         return self._with_pad(node, args["input"], dict(
-            name=name, kind="functional", geometry=geometry, in_channels=in_per_group * args["groups"],
+            name=name, owner=owner, kind="functional", geometry=geometry, in_channels=in_per_group * args["groups"],
             out_channels=out_channels, bias=bias is not None, reason=reason,
         ))  # fmt: skip
 
@@ -272,7 +278,7 @@ class _SiteBuilder:
         'same' padding calls them in its ``forward``)."""
         facts["node"], facts["pad_node"] = node.name, None
         absorbed = []
-        while len(source.users) == 1 and self._owned_identity(source, facts["name"]):
+        while len(source.users) == 1 and self._owned_identity(source, facts["owner"]):
             absorbed.append(source.name)
             source = source.args[0]
         sides = _zero_pad_sides(self.graph_module, source) if len(source.users) == 1 else None
@@ -285,7 +291,7 @@ class _SiteBuilder:
             facts["pad_node"] = source.name
             absorbed.append(source.name)
             source = source.args[0]
-            while len(source.users) == 1 and self._owned_identity(source, facts["name"]):
+            while len(source.users) == 1 and self._owned_identity(source, facts["owner"]):
                 absorbed.append(source.name)
                 source = source.args[0]
         facts["absorbed"] = tuple(absorbed)
@@ -296,10 +302,11 @@ class _SiteBuilder:
         return facts
 
     def _owned_identity(self, node: fx.Node, owner: str) -> bool:
-        """An ``nn.Identity`` child of the convolution's own module (what a 'same' pad is when none is needed)."""
+        """An ``nn.Identity`` child of the convolution's own module (what a 'same' pad is when none is needed);
+        ``owner`` is that module's path, ``''`` for the graph's root."""
         return (
             node.op == "call_module"
-            and str(node.target).startswith(owner + ".")
+            and str(node.target).startswith(owner + "." if owner else "")
             and isinstance(_module(self.graph_module, node), nn.Identity)
         )
 
@@ -317,7 +324,8 @@ class _SiteBuilder:
         return found
 
 
-def _level(input_size: tuple[int, int], output_size: tuple[int, int]) -> int:
+def reduction_level(input_size: tuple[int, int], output_size: tuple[int, int]) -> int:
+    """log2 of an output's reduction from the network input (the larger side's): a site's ``level``."""
     return max(round(math.log2(i / o)) for i, o in zip(input_size, output_size))
 
 
@@ -337,9 +345,18 @@ def find_sites(graph_module: fx.GraphModule, config: ConvAttentionConfig | None 
     builder = _SiteBuilder(graph_module, config)
     raw = [facts for node in graph.nodes if (facts := builder.facts(node)) is not None]
     for facts in raw:
-        facts["level"] = _level(network_input, facts["output_size"])
-    stage_of, stem = assign_stages(graph_module, {facts["node"]: facts["geometry"] for facts in raw})
+        facts["level"] = reduction_level(network_input, facts["output_size"])
+    opaque = {  # modules kept whole that hold convolutions
+        node.name for node in graph.nodes
+        if (module := _module(graph_module, node)) is not None and not isinstance(module, nn.Conv2d)
+        and any(isinstance(m, nn.Conv2d) for m in module.modules())
+    }  # fmt: skip
+    stage_of, stem = assign_stages(graph_module, {facts["node"]: facts["geometry"] for facts in raw}, opaque)
     block_of = blocks(graph)
+    for node in graph.nodes:
+        if node.name in stage_of:
+            node.meta[STAGE_KEY] = stage_of[node.name]
+        node.meta[BLOCK_KEY] = block_of[node.name]
     sites = []
     for facts in raw:
         geometry, size = facts["geometry"], facts["input_size"]
@@ -348,6 +365,7 @@ def find_sites(graph_module: fx.GraphModule, config: ConvAttentionConfig | None 
             geometry, facts["in_channels"], facts["out_channels"], *size, bias=facts["bias"], config=config
         )
         reason = facts.pop("reason")
+        facts.pop("owner")
         sites.append(
             Site(
                 **facts,

@@ -137,19 +137,23 @@ def node_depths(
     return depths, levels
 
 
-def stem_nodes(graph: fx.Graph, depths: dict[str, int], convolutions: set[str], expansions: set[str]) -> list[str]:
+def stem_nodes(
+    graph: fx.Graph, depths: dict[str, int], convolutions: set[str], expansions: set[str], opaque: set[str]
+) -> list[str]:
     """The stem: nodes on the chain from the first input before the first fan-out or merge.
 
     The chain stops, too, at the first node deeper than the chain's first
-    convolution (VGG has no branch at all: its first block is the stem) and
-    at the expansion of a downsampling block (MobileNetV2's ``features.2``).
+    convolution (VGG has no branch at all: its first block is the stem), at
+    the expansion of a downsampling block (MobileNetV2's ``features.2``) and
+    at a module kept whole that holds convolutions (``opaque``: its inside
+    is not known to be a chain).
     """
     node = next(n for n in graph.nodes if n.op == "placeholder")
     chain: list[str] = []
     first_conv_depth = None
     while len(users := _tensor_users(node)) == 1:
         node = users[0]
-        if len(_tensor_inputs(node)) != 1 or node.op == "output":
+        if len(_tensor_inputs(node)) != 1 or node.op == "output" or node.name in opaque:
             break
         depth = depths.get(node.name)
         if first_conv_depth is not None and (node.name in expansions or depth is not None and depth > first_conv_depth):
@@ -189,74 +193,83 @@ def blocks(graph: fx.Graph) -> dict[str, int]:
     return result
 
 
-def _joins(graph: fx.Graph) -> dict[str, str]:
-    """For each node, the first node that all its paths to an output pass through and that merges in a
-    value the node does not dominate (computed without it): the addition closing its residual block."""
-    dataflow = nx.DiGraph()
-    start, exit_ = "__input__", "__exit__"
-    for node in graph.nodes:
-        if node.op in ("get_attr", "output") or not _holds_tensors(node):
-            continue
-        dataflow.add_node(node.name)
-        for source in _tensor_inputs(node):
-            dataflow.add_edge(source.name, node.name)
-        if node.op == "placeholder":
-            dataflow.add_edge(start, node.name)
-    dataflow = dataflow.subgraph(nx.descendants(dataflow, start) | {start}).copy()  # parameters alone: no dataflow
-    dataflow.add_edges_from((n, exit_) for n in list(dataflow.nodes) if dataflow.out_degree(n) == 0)
-    dominator_tree = nx.DiGraph(
-        (parent, child) for child, parent in nx.immediate_dominators(dataflow, start).items() if child != parent
-    )
-    # Pre/post-order numbers on the dominator tree: a dominates b iff a's interval holds b's.
-    entered, left, clock = {}, {}, 0
-    for parent, child, kind in nx.dfs_labeled_edges(dominator_tree, start):
-        clock += 1
-        if kind == "forward":
-            entered[child] = clock
-        elif kind == "reverse":
-            left[child] = clock
-    entered[start], left[start] = 0, clock + 1
+class _Dataflow:
+    """The tensor dataflow of a graph from its inputs, with dominators (what every path from the input passes
+    through) and post-dominators (what every path to an output passes through)."""
 
-    def dominates(a: str, b: str) -> bool:
-        return entered[a] <= entered.get(b, -1) and left.get(b, clock + 2) <= left[a]
+    START, EXIT = "__input__", "__exit__"
 
-    post_dominators = nx.immediate_dominators(dataflow.reverse(copy=False), exit_)
-    merges = {n for n in dataflow.nodes if dataflow.in_degree(n) > 1 and n != exit_}
-    next_merge: dict[str, str] = {}
-    for name in reversed([n for n in nx.topological_sort(dataflow) if n not in (start, exit_)]):
-        following = post_dominators[name]
-        next_merge[name] = following if following in merges or following == exit_ else next_merge[following]
-    joins = {}
-    for name in next_merge:
-        step = next_merge[name]
-        while step != exit_:
-            if any(not dominates(name, source) for source in dataflow.predecessors(step)):
-                joins[name] = step
-                break
-            step = next_merge[step]
-    return joins
+    def __init__(self, graph: fx.Graph):
+        dataflow = nx.DiGraph()
+        for node in graph.nodes:
+            if node.op in ("get_attr", "output") or not _holds_tensors(node):
+                continue
+            dataflow.add_node(node.name)
+            dataflow.add_edges_from((source.name, node.name) for source in _tensor_inputs(node))
+            if node.op == "placeholder":
+                dataflow.add_edge(self.START, node.name)
+        reachable = nx.descendants(dataflow, self.START) | {self.START}  # parameters alone are no dataflow
+        self.graph = dataflow = dataflow.subgraph(reachable).copy()
+        dataflow.add_edges_from((n, self.EXIT) for n in list(dataflow.nodes) if dataflow.out_degree(n) == 0)
+        tree = nx.DiGraph(
+            (parent, child) for child, parent in nx.immediate_dominators(dataflow, self.START).items() if child != parent
+        )
+        # Pre/post-order numbers on the dominator tree: a dominates b iff a's interval holds b's.
+        self._entered, self._left, clock = {self.START: 0}, {}, 0
+        for _, child, kind in nx.dfs_labeled_edges(tree, self.START):
+            clock += 1
+            if kind == "forward":
+                self._entered[child] = clock
+            elif kind == "reverse":
+                self._left[child] = clock
+        self._left[self.START] = clock + 1
+        self.post_dominator = nx.immediate_dominators(dataflow.reverse(copy=False), self.EXIT)
+        self.merges = {n for n in dataflow.nodes if dataflow.in_degree(n) > 1 and n != self.EXIT}
 
+    def dominates(self, a: str, b: str) -> bool:
+        return b in self._entered and self._entered[a] <= self._entered[b] and self._left[b] <= self._left[a]
 
-def _expansions(graph: fx.Graph, depths: dict[str, int], convolutions: dict[str, ConvGeometry]) -> dict[str, str]:
-    """Pointwise convolutions that only feed, through single-input nodes, a deeper convolution: the expansion
-    of an inverted-residual block that downsamples (MobileNet, EfficientNet), staged with that block.
+    def merges_foreign(self, node: str, merge: str) -> bool:
+        """Whether ``merge`` merges in a value ``node`` does not dominate (one computed without it)."""
+        return merge in self.merges and any(not self.dominates(node, p) for p in self.graph.predecessors(merge))
 
-    Maps the expansion and the nodes after it (its norm and activation) to that deeper convolution.
-    """
-    nodes = {n.name: n for n in graph.nodes}
-    found = {}
-    for name, geometry in convolutions.items():
-        if geometry.kernel_size != (1, 1) or name not in depths:
-            continue
-        node, chain = nodes[name], [name]
-        while len(users := _tensor_users(node)) == 1 and len(_tensor_inputs(users[0])) == 1:
-            node = users[0]
-            if node.name in convolutions:
-                if depths.get(node.name, -1) > depths[name]:
-                    found.update(dict.fromkeys(chain, node.name))
-                break
-            chain.append(node.name)
-    return found
+    def joins(self) -> dict[str, str]:
+        """For each node, the first post-dominator that merges in a value computed without it: the addition
+        closing its residual block."""
+        nodes = [n for n in nx.topological_sort(self.graph) if n not in (self.START, self.EXIT)]
+        next_merge: dict[str, str] = {}
+        for name in reversed(nodes):
+            following = self.post_dominator[name]
+            at_merge = following in self.merges or following == self.EXIT
+            next_merge[name] = following if at_merge else next_merge[following]
+        joins = {}
+        for name in nodes:
+            step = next_merge[name]
+            while step != self.EXIT:
+                if self.merges_foreign(name, step):
+                    joins[name] = step
+                    break
+                step = next_merge[step]
+        return joins
+
+    def expansions(self, depths: dict[str, int], convolutions: dict[str, ConvGeometry]) -> dict[str, str]:
+        """Pointwise convolutions whose output reaches, before any foreign merge, a deeper convolution that
+        every path from them passes through: the expansion of an inverted-residual block that downsamples
+        (MobileNet, EfficientNet), staged with that block.  Maps the expansion and the post-dominators on
+        the way (its norm, its activation, even ``x * sigmoid(x)``) to that convolution."""
+        found = {}
+        for name, geometry in convolutions.items():
+            if geometry.kernel_size != (1, 1) or name not in depths or name not in self.graph:
+                continue
+            chain, step = [name], self.post_dominator[name]
+            while step != self.EXIT and not self.merges_foreign(name, step):
+                if step in convolutions:
+                    if depths.get(step, -1) > depths[name]:
+                        found.update(dict.fromkeys(chain, step))
+                    break
+                chain.append(step)
+                step = self.post_dominator[step]
+        return found
 
 
 def _dilation_gains(
@@ -321,11 +334,14 @@ def declared_stages(model) -> tuple[str, ...] | None:
     return modules if modules and all(isinstance(m, str) and m for m in modules) else None
 
 
-def assign_stages(graph_module: fx.GraphModule, convolutions: dict[str, ConvGeometry]) -> tuple[dict[str, int], set[str]]:
+def assign_stages(
+    graph_module: fx.GraphModule, convolutions: dict[str, ConvGeometry], opaque: set[str] = frozenset()
+) -> tuple[dict[str, int], set[str]]:
     """Stage of every node computed from the input, and the stem's node names.
 
     ``convolutions`` maps each convolution node name to its geometry (the
-    convolutions the sites found).  The model's declared stages
+    convolutions the sites found); ``opaque`` names the nodes of modules kept
+    whole that hold convolutions.  The model's declared stages
     (``meta[DECLARED_KEY]``), where capture found a consistent declaration,
     decide which block belongs to which stage; otherwise the structure does.
     Needs ``propagate_shapes`` to have run.
@@ -336,14 +352,15 @@ def assign_stages(graph_module: fx.GraphModule, convolutions: dict[str, ConvGeom
     if network_input is None:
         raise ValueError(f"the first input '{placeholder.name}' is not an NCHW image batch; stages need one")
     depths, levels = node_depths(graph, network_input, convolutions)
-    expansions = _expansions(graph, depths, convolutions)
-    stem = set(stem_nodes(graph, depths, set(convolutions), set(expansions)))
+    dataflow = _Dataflow(graph)
+    expansions = dataflow.expansions(depths, convolutions)
+    stem = set(stem_nodes(graph, depths, set(convolutions), set(expansions), opaque))
     block_of = blocks(graph)
     declared = _declared(graph, graph_module.meta.get(DECLARED_KEY), depths, stem, block_of)
     if declared is not None:
         return declared
     depths = _dilation_gains(graph, depths, block_of, stem)
-    joins = _joins(graph)
+    joins = dataflow.joins()
     inputs = {n.name for n in graph.nodes if n.op == "placeholder"}
     # How deep a node's block goes: its own level, and that of its join and expanded convolution, recursively.
     # Own levels, not inherited depths: a decoder's addition at 1/8 that merges upsampled 1/32 features

@@ -10,12 +10,14 @@ restored afterwards.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
 from tcnn_fx.capture import capture, restored_modes
+from tcnn_fx.leaf_sites import INNER
 from tcnn_fx.rewrite import located_report
 from tcnn_fx.submodule import recorded_inputs, resolve
 
@@ -86,6 +88,26 @@ class _Recorder(fx.Interpreter):
         return value
 
 
+@contextlib.contextmanager
+def _recorded_modules(model: nn.Module, names: list[str]):
+    """Record the first input and output of each named submodule while the body runs: ``{name:input: ...}``."""
+    values: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(module, args, output):
+            values.setdefault(f"{name}:input", args[0].clone())
+            values.setdefault(f"{name}:output", output.clone())
+
+        return record
+
+    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
+    try:
+        yield values
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def verify(
     original: nn.Module,
     rewritten: nn.Module,
@@ -117,11 +139,14 @@ def verify(
     dtype = example_inputs[0].dtype
     rtol = DEFAULT_RTOL.get(dtype, 1e-5) if rtol is None else rtol
     wanted = {name for pair in report.site_nodes.values() for name in pair}
+    inner = [name for name, pair in report.site_nodes.items() if pair == (INNER, INNER)]
     with restored_modes(original, rewritten), torch.no_grad():
         original.eval(), rewritten.eval()
         graph = capture(original, example_inputs)
         recorder = _Recorder(graph, wanted)
-        expected = _flatten(recorder.run(*example_inputs))
+        with _recorded_modules(original, inner) as inner_values:
+            expected = _flatten(recorder.run(*example_inputs))
+        recorder.values.update(inner_values)
         actual = _flatten(rewritten(*example_inputs))
         if len(actual) != len(expected):
             raise ValueError(f"the models return {len(actual)} and {len(expected)} tensors")
@@ -129,6 +154,8 @@ def verify(
         output = max(outputs, key=lambda c: c.max_rel)
         sites = []
         for name, (input_node, output_node) in report.site_nodes.items():
+            if input_node == INNER:
+                input_node, output_node = f"{name}:input", f"{name}:output"
             if input_node not in recorder.values or output_node not in recorder.values:
                 raise ValueError(f"site '{name}' is not in the original model's graph: was it rewritten from another?")
             layer = rewritten.get_submodule(name)

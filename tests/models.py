@@ -160,3 +160,59 @@ class StaticSameNet(nn.Module):
         x = self._project_conv(F.silu(self._reduce_conv(x)))
         x = x + self._conv_head(x)
         return self._fc(x.mean((2, 3)))
+
+
+def drop_connect(x, p, training):
+    """Functional stochastic depth, as third-party EfficientNets write it: its code depends on the mode."""
+    if not training:
+        return x
+    keep = torch.floor(1 - p + torch.rand(x.shape[0], 1, 1, 1, dtype=x.dtype, device=x.device))
+    return x / (1 - p) * keep
+
+
+class DropConnectBlock(nn.Module):
+    """A residual block whose own forward differs between train and eval: capture keeps it whole."""
+
+    def __init__(self, width: int, image_size: int):
+        super().__init__()
+        self.expand = StaticSamePadConv(width, 2 * width, 1, image_size=image_size, bias=False)
+        self.bn0 = nn.BatchNorm2d(2 * width)
+        self.depthwise = StaticSamePadConv(2 * width, 2 * width, 3, groups=2 * width, image_size=image_size, bias=False)
+        self.bn1 = nn.BatchNorm2d(2 * width)
+        self.project = nn.Conv2d(2 * width, width, 1, bias=False)
+
+    def forward(self, x, drop_rate: float = 0.2):
+        y = F.silu(self.bn0(self.expand(x)))
+        y = self.project(F.silu(self.bn1(self.depthwise(y))))
+        return x + drop_connect(y, drop_rate, self.training)
+
+
+class DataDependent(nn.Module):
+    """Python control flow on tensor values around two convolutions, one of them called twice."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+        self.shared = nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.mean() > 100:  # never, but tracing cannot know
+            y = -y
+        return self.shared(self.shared(y))
+
+
+class KeptWholeNet(nn.Module):
+    """Convolutions that capture can only reach inside modules it keeps whole."""
+
+    def __init__(self, width: int = 8, image_size: int = 16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, stride=2, padding=1)
+        self.block = DropConnectBlock(width, image_size // 2)
+        self.down = nn.Conv2d(width, width, 3, stride=2, padding=1)
+        self.tail = DataDependent(width)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        x = self.block(F.relu(self.stem(x)))
+        return self.head(self.tail(F.relu(self.down(x))).mean((2, 3)))

@@ -6,7 +6,9 @@ the convolution module's own padding or identity children), become one
 ``call_module`` node to a ``ConvAttention2d`` installed at the
 site's qualified name, so the new layer's ``weight`` and ``bias`` keep the
 convolution's state-dict keys.  Optionally an eval-mode batch norm after the
-convolution is folded into the layer's weights.
+convolution is folded into the layer's weights.  A convolution inside a module
+capture kept whole (``tcnn_fx.leaf_sites``) is replaced as a module object: the
+graph does not change, the enclosing module's code calls the new layer.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch import fx, nn
 
 from tcnn_fx.layers import ConvAttention2d, ConvAttentionConfig
+from tcnn_fx.leaf_sites import INNER
 from tcnn_fx.policy import Plan
 from tcnn_fx.sites import Site
 
@@ -56,7 +59,7 @@ def _check_owner(graph_module: fx.GraphModule, site: Site, nodes: dict[str, fx.N
     The site's own nodes may: the weight and bias reads, and the padding or
     identity children the module calls before its convolution (absorbed).
     """
-    if site.kind == "module":
+    if site.kind in ("module", INNER):
         return
     conv = nodes[site.node]
     own = {a.name for a in conv.all_input_nodes if a.op == "get_attr"} | set(site.absorbed)
@@ -91,6 +94,9 @@ def convert_sites(
         _check_owner(graph_module, site, nodes)
     conversions = []
     for site in plan.selected:
+        if site.kind == INNER:
+            conversions.append(_replace_inner(graph_module, site, config, fold_norm))
+            continue
         conv = nodes[site.node]
         weight, bias = _weights(graph_module, site, nodes)
         # The convolution is discarded with the graph's copy of the model: its tensors become the layer's.
@@ -123,6 +129,18 @@ def convert_sites(
     graph_module.graph.lint()
     graph_module.recompile()
     return conversions
+
+
+def _replace_inner(
+    graph_module: fx.GraphModule, site: Site, config: ConvAttentionConfig | None, fold_norm: bool
+) -> Conversion:
+    """A convolution inside a module kept whole: the module object is replaced, its caller's code unchanged."""
+    conv = graph_module.get_submodule(site.name)
+    layer = ConvAttention2d.from_weights(site.geometry, conv.weight, conv.bias, config, adopt=True)
+    layer.train(conv.training)
+    _install(graph_module, site.name, layer)
+    note = f"'{site.name}': its norm is not folded (it is inside a module kept whole)" if fold_norm else None
+    return Conversion(site.name, None, note)
 
 
 def _install(graph_module: fx.GraphModule, path: str, layer: nn.Module) -> None:

@@ -10,6 +10,10 @@ counts the model's FLOPs.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+from dataclasses import dataclass
+
 import torch
 from torch import fx, nn
 from torch.func import functional_call
@@ -47,8 +51,30 @@ def _meta(value):
     return value.to("meta") if isinstance(value, torch.Tensor) else value
 
 
+#: ``graph_module.meta[INNER_CALLS_KEY]``: for each ``nn.Conv2d`` inside a module capture kept whole, its calls.
+INNER_CALLS_KEY = "tcnn_fx.inner_convolutions"
+
+
+@dataclass(frozen=True)
+class InnerCall:
+    """One call of a convolution inside a module kept whole: its input and output as meta tensors."""
+
+    input: torch.Tensor
+    output: torch.Tensor
+
+
 class MetaShapeProp(fx.Interpreter):
-    """Run a graph on meta tensors, recording each node's output in ``node.meta['val']``."""
+    """Run a graph on meta tensors, recording each node's output in ``node.meta['val']``.
+
+    Inside the modules named in ``look_inside`` (those capture had to keep
+    whole), every ``nn.Conv2d``'s calls are recorded too (``inner_calls``), so
+    the site table can offer them.
+    """
+
+    def __init__(self, module: fx.GraphModule, look_inside: tuple[str, ...] = ()):
+        super().__init__(module)
+        self.look_inside = set(look_inside)
+        self.inner_calls: dict[str, list[InnerCall]] = {}
 
     def run_node(self, node: fx.Node):
         try:
@@ -66,7 +92,54 @@ class MetaShapeProp(fx.Interpreter):
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and len(args) == 1 and not kwargs:
             return _batch_norm_output(module, args[0])
         state = {name: _meta(t) for name, t in [*module.named_parameters(), *module.named_buffers()]}
-        return functional_call(module, state, args, kwargs)
+        if target not in self.look_inside:
+            return functional_call(module, state, args, kwargs)
+        # A module capture kept whole may branch on tensor values, which meta tensors do not have: it then
+        # runs for real, on zeros, as an eval-mode copy (the model's own statistics are never updated).
+        try:
+            with self._recording(target, module):
+                return functional_call(module, state, args, kwargs)
+        except (NotImplementedError, RuntimeError) as error:
+            if "meta" not in str(error):
+                raise
+        self.inner_calls = {k: v for k, v in self.inner_calls.items() if not k.startswith(target + ".")}
+        copy_ = copy.deepcopy(module).eval()
+        device = next((t.device for t in module.parameters()), torch.device("cpu"))
+        real = [torch.zeros(a.shape, dtype=a.dtype, device=device) if isinstance(a, torch.Tensor) else a for a in args]
+        with self._recording(target, copy_):
+            return _meta_tree(copy_(*real, **kwargs))
+
+    @contextlib.contextmanager
+    def _recording(self, target: str, module: nn.Module):
+        """Record the calls of every ``nn.Conv2d`` inside ``module`` (named under ``target``) while the body runs."""
+        handles = [
+            conv.register_forward_hook(self._recorder(f"{target}.{name}"))
+            for name, conv in module.named_modules()
+            if name and isinstance(conv, nn.Conv2d)
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _recorder(self, name: str):
+        def record(module, args, output):
+            if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+                self.inner_calls.setdefault(name, []).append(InnerCall(_meta(args[0]), _meta(output)))
+
+        return record
+
+
+def _meta_tree(value):
+    """A module's output with every tensor in it moved to the meta device."""
+    if isinstance(value, torch.Tensor):
+        return _meta(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_meta_tree(v) for v in value)
+    if isinstance(value, dict):
+        return type(value)((k, _meta_tree(v)) for k, v in value.items())
+    return value
 
 
 def _batch_norm_output(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
@@ -97,16 +170,20 @@ def _reason(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def propagate_shapes(graph_module: fx.GraphModule, example_inputs: tuple) -> None:
+def propagate_shapes(graph_module: fx.GraphModule, example_inputs: tuple, look_inside: tuple[str, ...] = ()) -> None:
     """Annotate every node with ``meta['val']`` for inputs shaped like ``example_inputs``.
 
     Only the inputs' shapes and dtypes matter, not their values or devices.
     Also stores the FLOPs of one forward pass (``torch.utils.flop_counter``:
-    matrix products and convolutions) in ``graph_module.meta['tcnn_fx.flops']``.
+    matrix products and convolutions) in ``graph_module.meta['tcnn_fx.flops']``,
+    and the calls of the convolutions inside the modules ``look_inside`` names
+    in ``graph_module.meta[INNER_CALLS_KEY]``.
     """
+    propagation = MetaShapeProp(graph_module, look_inside)
     with torch.no_grad(), _FlopCounter() as counter:
-        MetaShapeProp(graph_module).run(*(_meta(x) for x in example_inputs))
+        propagation.run(*(_meta(x) for x in example_inputs))
     graph_module.meta[FLOPS_KEY] = counter.total
+    graph_module.meta[INNER_CALLS_KEY] = propagation.inner_calls
 
 
 def spatial_size(node: fx.Node) -> tuple[int, int] | None:
