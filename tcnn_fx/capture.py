@@ -164,7 +164,14 @@ def _trace_with_fallback(
             reason = f"{type(error).__name__}: {error}".splitlines()[0]
             if not culprit or culprit in leaf_names:
                 where = f"module '{culprit}'" if culprit else f"{type(model).__name__}.forward itself"
-                raise CaptureError(f"cannot trace {where}: {reason}") from error
+                children = [name for name, _ in model.named_children()]
+                hint = (
+                    f"; rewrite the CNN inside it instead: rewrite(model, policy, inputs, module=PATH) with PATH "
+                    f"one of its submodules {children[:12]}"
+                    if not culprit and children
+                    else ""
+                )
+                raise CaptureError(f"cannot trace {where}: {reason}{hint}") from error
             if len(fallbacks) >= MAX_FALLBACKS:
                 raise CaptureError(
                     f"gave up after making {MAX_FALLBACKS} modules leaves; last: '{culprit}': {reason}"

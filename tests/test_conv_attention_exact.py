@@ -100,8 +100,12 @@ def test_inference_gather_matches_training_gather_and_convolution(kwargs, batch,
         onednn = _gathers_with_onednn(x)
     trained = layer(x)
     assert onednn == torch.backends.mkldnn.is_available()
-    assert relative_error(inferred, expected) <= 1e-6
-    assert relative_error(trained.detach(), expected) <= 1e-6
+    # Where PyTorch dispatches to AVX-512 the layer sums in the convolution's order (1e-6, measured: 0); on
+    # AVX2 oneDNN picks other kernels for the projection than for the convolution at batch 1: float32
+    # rounding of 1,152 terms, measured up to 1.5e-6 (docs/conv_attention.md).
+    tolerance = 1e-6 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 2e-6
+    assert relative_error(inferred, expected) <= tolerance
+    assert relative_error(trained.detach(), expected) <= tolerance
     with torch.no_grad():
         layer.gate.fill_(0.5)  # content attention mixed in: the two gathers still agree
         opened = layer(x)

@@ -89,10 +89,10 @@ def test_cli_convert_exports_onnx(tmp_path, capsys):
     [
         ("torchvision:resnet18", "stage4"),
         ("torchvision:resnet50", "name:layer4.*conv2 | name:layer3.5.conv2"),  # a custom policy
-        ("torchvision:mobilenet_v3_large", "stage4"),
+        ("torchvision:mobilenet_v3_large", "last"),
         ("torchvision:convnext_tiny", "last"),
         ("torchvision:regnet_y_400mf", "stage4"),
-        ("torchvision:efficientnet_b0", "stage4"),
+        ("torchvision:efficientnet_b0", "last"),
         ("timm:resnetrs50", "stage4"),
     ],
 )

@@ -43,12 +43,15 @@ def test_functional_site_with_explicit_pad_is_converted():
     model = FunctionalNet().eval()
     x = torch.randn(2, 3, 16, 16)
     hybrid = tcnn_fx.rewrite(model, ["same"], (x,))
-    assert isinstance(hybrid.same, ConvAttention2d) and hybrid.same.geometry.padding == (0, 1, 0, 1)
+    assert isinstance(hybrid.same, ConvAttention2d) and hybrid.same.geometry.padding == (0, 0, 0, 0)
     assert "same.weight" in hybrid.state_dict()
     pads = [n for n in hybrid.graph.nodes if n.op == "call_function" and n.target is torch.nn.functional.pad]
-    assert not pads  # the pad is part of the layer now
+    assert len(pads) == 1  # its amounts are computed from the input size: the pad stays, in front of the layer
     report = tcnn_fx.verify(model, hybrid, (x,))
     assert report.passed, report.table()
+    with torch.no_grad():  # so the hybrid pads as the model does at a size of other parity
+        y = torch.randn(1, 3, 17, 15)
+        assert torch.allclose(hybrid(y), model(y), rtol=1e-5, atol=1e-6)
 
 
 def test_train_mode_and_gradients():

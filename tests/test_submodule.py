@@ -131,3 +131,25 @@ def test_hybrids_rewritten_at_one_size_run_exactly_at_others(dtype):
                 expected = model(x)
                 error = ((hybrid(x) - expected).abs().max() / expected.abs().max()).item()
                 assert error <= 1e-10, (type(model).__name__, shape, error)
+
+
+def test_an_untraceable_top_level_points_to_module_and_module_works():
+    class Segmenter(torch.nn.Module):
+        """Checks its input size with Python control flow, as segmentation packages do."""
+
+        def __init__(self):
+            super().__init__()
+            self.encoder = torchvision.models.resnet18()
+            self.encoder.fc = torch.nn.Identity()
+
+        def forward(self, x):
+            if x.shape[-1] % 32:
+                raise ValueError("the input must be a multiple of 32")
+            return self.encoder(x)
+
+    model = randomise_norms(Segmenter()).eval()
+    x = (torch.randn(1, 3, 64, 64),)
+    with pytest.raises(tcnn_fx.CaptureError, match=r"Segmenter.forward itself.*module=PATH.*\['encoder'\]"):
+        tcnn_fx.rewrite(model, "stage4", x)
+    hybrid = tcnn_fx.rewrite(model, "stage4", x, module="encoder", verify=True)
+    assert tcnn_fx.report_of(hybrid).converted[0] == "layer4.0.conv1"
