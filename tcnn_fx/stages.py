@@ -35,7 +35,9 @@ The *stem*, the chain of nodes from the input before the first branch or merge
 even where it shares its resolution with the first stage.  The distinct stage
 depths after the stem are stages 1, 2, ... in order.  Nothing here depends on
 module names or on which submodules capture kept whole (a module kept whole
-has the same output shape, hence the same depth).
+has the same output shape, hence the same depth).  Where the model declares
+its stages (timm's ``feature_info``), the declaration groups the blocks
+instead (``_declared``); one that does not fit the graph is ignored.
 
 Everything here is analysis: nothing changes the graph.  Needs
 ``propagate_shapes`` to have run.
