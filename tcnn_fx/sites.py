@@ -361,18 +361,27 @@ def find_sites(graph_module: fx.GraphModule, config: ConvAttentionConfig | None 
     for facts in raw:
         geometry, size = facts["geometry"], facts["input_size"]
         conv_params = facts["out_channels"] * (facts["in_channels"] // geometry.groups) * geometry.num_taps
-        attention_flops, attention_params = ConvAttention2d.cost(
-            geometry, facts["in_channels"], facts["out_channels"], *size, bias=facts["bias"], config=config
-        )
         reason = facts.pop("reason")
         facts.pop("owner")
+        try:
+            conv_flops = geometry.conv_flops(facts["in_channels"], facts["out_channels"], *size)
+            attention_flops, attention_params = ConvAttention2d.cost(
+                geometry, facts["in_channels"], facts["out_channels"], *size, bias=facts["bias"], config=config
+            )
+        except ValueError:
+            if reason is None:
+                raise
+            # A module whose forward pads on its own (its geometry alone does not fit its input): it computes
+            # something else than its geometry says, is not convertible, and costs what its output says.
+            out_h, out_w = facts["output_size"]
+            conv_flops, attention_flops, attention_params = 2 * out_h * out_w * conv_params, 0, 0
         sites.append(
             Site(
                 **facts,
                 stage=stage_of[facts["node"]],
                 block=block_of[facts["node"]],
                 stem=facts["node"] in stem,
-                conv_flops=geometry.conv_flops(facts["in_channels"], facts["out_channels"], *size),
+                conv_flops=conv_flops,
                 attention_flops=attention_flops,
                 conv_params=conv_params + (facts["out_channels"] if facts["bias"] else 0),
                 attention_params=attention_params,

@@ -1,5 +1,7 @@
 """Small models for the compiler tests: each exercises one way convolutions appear in real code."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -216,3 +218,17 @@ class KeptWholeNet(nn.Module):
     def forward(self, x):
         x = self.block(F.relu(self.stem(x)))
         return self.head(self.tail(F.relu(self.down(x))).mean((2, 3)))
+
+
+class DynamicSamePadConv(nn.Conv2d):
+    """TensorFlow 'same' padding computed in ``forward`` with Python arithmetic on the input size (as the
+    dynamic variant of third-party EfficientNets does): it cannot be traced, so capture keeps it whole."""
+
+    def forward(self, x):
+        ih, iw = x.size()[-2:]
+        kh, kw = self.weight.size()[-2:]
+        pad_h = max((math.ceil(ih / self.stride[0]) - 1) * self.stride[0] + kh - ih, 0)
+        pad_w = max((math.ceil(iw / self.stride[1]) - 1) * self.stride[1] + kw - iw, 0)
+        if pad_h > 0 or pad_w > 0:
+            x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)

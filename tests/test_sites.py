@@ -103,3 +103,14 @@ def test_pruned_convolution_site_is_convertible_and_hooked_one_is_not():
     sites, _ = sites_of(model)
     assert sites["a1"].convertible
     assert not sites["b2"].convertible and "_forward_hooks" in sites["b2"].reason
+
+
+def test_a_convolution_that_pads_in_an_untraceable_forward_is_reported_not_convertible():
+    from models import DynamicSamePadConv
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=4, padding=1), DynamicSamePadConv(4, 4, 5, stride=2))
+    sites, graph_module = sites_of(model, size=16)  # the second one sees 4x4: its kernel only fits its own padding
+    site = sites["1"]
+    assert "1" in graph_module.meta["tcnn_fx.capture"].fallback_leaves
+    assert not site.convertible and "overrides forward()" in site.reason
+    assert site.output_size == (2, 2) and site.conv_flops == 2 * 2 * 2 * 4 * 4 * 25 and site.attention_flops == 0
