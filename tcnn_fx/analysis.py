@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from tcnn_fx.errors import InvalidInputError
 from tcnn_fx.layers import ConvAttention2d
+from tcnn_fx.modes import evaluating
 
 
 @dataclass(frozen=True)
@@ -49,16 +51,16 @@ def analyze_attention(model: nn.Module, images: Tensor, *, chunk: int = 32) -> l
     """
     layers = {name: m for name, m in model.named_modules() if isinstance(m, ConvAttention2d)}
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no ConvAttention2d layer: convert it with tcnn_fx.rewrite first")
+        raise InvalidInputError(
+            f"{type(model).__name__} has no ConvAttention2d layer: convert it with tcnn_fx.rewrite first"
+        )
     inputs: dict[str, Tensor] = {}
     hooks = [layer.register_forward_pre_hook(lambda _, args, name=name: inputs.__setitem__(name, args[0]))
              for name, layer in layers.items()]  # fmt: skip
     sums = {name: {k: 0.0 for k in ("combined", "positional", "content")} for name in layers}
     sizes: dict[str, tuple[int, int]] = {}
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             for batch in images.split(chunk):
                 model(batch)
                 for name, layer in layers.items():
@@ -69,7 +71,6 @@ def analyze_attention(model: nn.Module, images: Tensor, *, chunk: int = 32) -> l
     finally:
         for hook in hooks:
             hook.remove()
-        model.train(was_training)
     count = len(images)
     return [
         LayerAttention(

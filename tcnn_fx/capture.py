@@ -17,7 +17,6 @@ appear as an explicit pad feeding ``F.conv2d``: sites the compiler can convert.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import functools
 import importlib
@@ -30,14 +29,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from tcnn_fx.errors import InvalidInputError, TcnnFxError, UsageError
 from tcnn_fx.layers import ConvAttention2d, ConvStem
+from tcnn_fx.modes import restored_modes
 from tcnn_fx.stages import DECLARED_KEY, declared_stages
 
 #: How many submodules may be made leaves before capture gives up.
 MAX_FALLBACKS = 64
 
 
-class CaptureError(RuntimeError):
+class CaptureError(TcnnFxError, RuntimeError):
     """The model cannot be captured; the message names the module and the reason."""
 
 
@@ -134,10 +135,10 @@ class CaptureTracer(fx.Tracer):
 
 def _check_signature(model: nn.Module, example_inputs: tuple) -> None:
     if not isinstance(example_inputs, tuple) or not example_inputs:
-        raise TypeError(f"example_inputs must be a non-empty tuple of tensors, got {type(example_inputs).__name__}")
+        raise UsageError(f"example_inputs must be a non-empty tuple of tensors, got {type(example_inputs).__name__}")
     for i, value in enumerate(example_inputs):
         if not isinstance(value, torch.Tensor):
-            raise TypeError(
+            raise UsageError(
                 f"example input {i} is a {type(value).__name__}; {type(model).__name__}.forward must take tensors only "
                 "(wrap the model so that non-tensor arguments are fixed)"
             )
@@ -148,7 +149,7 @@ def _check_signature(model: nn.Module, example_inputs: tuple) -> None:
     ]
     if len(parameters) > len(example_inputs):
         missing = ", ".join(p.name for p in parameters[len(example_inputs) :])
-        raise TypeError(f"{type(model).__name__}.forward needs arguments {missing} that example_inputs do not give")
+        raise UsageError(f"{type(model).__name__}.forward needs arguments {missing} that example_inputs do not give")
 
 
 def _trace_with_fallback(
@@ -204,17 +205,6 @@ def _mode_differences(train: fx.Graph, eval_: fx.Graph) -> tuple[set[str], str |
     return modules, ("; ".join(lines) if lines else None)
 
 
-@contextlib.contextmanager
-def restored_modes(*models: nn.Module):
-    """Let the body switch the models between train and eval; every submodule's mode is restored after."""
-    saved = [(module, module.training) for model in models for module in model.modules()]
-    try:
-        yield
-    finally:
-        for module, training in saved:
-            module.training = training
-
-
 def capture(
     model: nn.Module,
     example_inputs: tuple,
@@ -235,7 +225,7 @@ def capture(
     leaf_names = {m for m in leaf_modules if isinstance(m, str)}
     unknown = leaf_names - {name for name, _ in model.named_modules()}
     if unknown:
-        raise ValueError(f"leaf_modules names {sorted(unknown)} are not submodules of {type(model).__name__}")
+        raise InvalidInputError(f"leaf_modules names {sorted(unknown)} are not submodules of {type(model).__name__}")
     was_training = model.training
     fallbacks: dict[str, str] = {}
     mode_leaves: list[str] = []

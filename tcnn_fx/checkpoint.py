@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from tcnn_fx.errors import CheckpointError
 from tcnn_fx.files import atomic_write
 from tcnn_fx.layers import ConvAttentionConfig
 from tcnn_fx.policy import Policy
@@ -33,7 +34,7 @@ def save(hybrid: nn.Module, path: str | Path, *, num_classes: int | None = None,
     """
     report = report_of(hybrid)
     if report.policy is None:
-        raise ValueError("the model was rewritten with a Python predicate policy, which cannot be saved")
+        raise CheckpointError("the model was rewritten with a Python predicate policy, which cannot be saved")
     payload = {
         "format": FORMAT,
         "spec": report.spec,
@@ -54,7 +55,7 @@ def save(hybrid: nn.Module, path: str | Path, *, num_classes: int | None = None,
 def _read(path: str | Path) -> dict:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a tcnn_fx checkpoint (format {FORMAT})")
+        raise CheckpointError(f"{path} is not a tcnn_fx checkpoint (format {FORMAT})")
     return payload
 
 
@@ -70,7 +71,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> fx.GraphModule:
     payload = _read(path)
     if model is None:
         if not payload["spec"]:
-            raise ValueError(f"{path} records no model spec: pass the base model, load(path, model=...)")
+            raise CheckpointError(f"{path} records no model spec: pass the base model, load(path, model=...)")
         model = build(payload["spec"])
     if payload.get("num_classes") is not None:
         replace_head(model, payload["num_classes"])
@@ -95,5 +96,5 @@ def load(path: str | Path, model: nn.Module | None = None) -> fx.GraphModule:
     try:
         hybrid.load_state_dict(payload["state_dict"])
     except RuntimeError as error:
-        raise ValueError(f"{path} does not match the rebuilt model: {error}") from error
+        raise CheckpointError(f"{path} does not match the rebuilt model: {error}") from error
     return hybrid

@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tcnn_fx import checkpoint, specs
+from tcnn_fx.errors import InvalidInputError, MissingDependencyError, MissingFileError, TcnnFxError
 from tcnn_fx.policy import Policy
 from tcnn_fx.rewrite import SITES_KEY, report_of, rewrite, trace
 from tcnn_fx.robustness.corruptions import CORRUPTIONS
@@ -113,14 +114,14 @@ def _policy(text: str) -> Policy:
     path = Path(text)
     if path.suffix in (".json", ".yaml", ".yml"):
         if not path.is_file():
-            raise FileNotFoundError(f"policy file {path} does not exist")
+            raise MissingFileError(f"policy file {path} does not exist")
         return Policy.load(path)
     return Policy(select=text)
 
 
 def convert_command(args) -> None:
     if args.module and args.onnx:
-        raise ValueError(
+        raise InvalidInputError(
             "--onnx exports whole classifiers; with --module, export the rewritten submodule from Python: "
             "tcnn_fx.export.to_onnx(hybrid.get_submodule(MODULE), FILE, inputs)"
         )
@@ -189,7 +190,7 @@ def _check_classes(model: torch.nn.Module, inputs: tuple, classes: list[str], da
     with torch.no_grad():
         outputs = model(*inputs).shape[-1]
     if outputs != len(classes):
-        raise ValueError(
+        raise InvalidInputError(
             f"the model has {outputs} outputs but {data} has {len(classes)} classes; "
             f"pass --num-classes {len(classes)} to replace the classifier head"
         )
@@ -233,12 +234,12 @@ def _vit_passes(args, model: torch.nn.Module, inputs: tuple):
     Returns the model, the conv stem record for the checkpoint and the attention init report (or ``None``s).
     """
     if args.remove_block and not args.conv_stem:
-        raise ValueError("--remove-block goes with --conv-stem (it keeps the stem's FLOPs matched)")
+        raise InvalidInputError("--remove-block goes with --conv-stem (it keeps the stem's FLOPs matched)")
     impulse_options = {"--impulse-kernel": args.impulse_kernel, "--impulse-target": args.impulse_target,
                        "--impulse-order": args.impulse_order}  # fmt: skip
     stray = [flag for flag, value in impulse_options.items() if value is not None]
     if stray and args.attention_init != "impulse":
-        raise ValueError(f"{', '.join(stray)} need --attention-init impulse (it is {args.attention_init})")
+        raise InvalidInputError(f"{', '.join(stray)} need --attention-init impulse (it is {args.attention_init})")
     stem = report = None
     if args.conv_stem:
         from tcnn_fx.passes.conv_stem import conv_stem
@@ -288,7 +289,9 @@ def finetune_command(args) -> None:
 
     recipe = _recipe(args)
     if _is_checkpoint(args.model):
-        raise ValueError(f"finetune starts from a model spec (with --weights), not from the checkpoint {args.model}")
+        raise InvalidInputError(
+            f"finetune starts from a model spec (with --weights), not from the checkpoint {args.model}"
+        )
     model, inputs = _model_and_inputs(args)
     model, stem, init_report = _vit_passes(args, model, inputs)
     train, evaluation = _training_splits(args, model, inputs, args.train_subset, None)
@@ -364,13 +367,13 @@ def search_command(args) -> None:
     try:
         from tcnn_fx.search import Constraints, SearchSettings, SearchSpace, load_study, run_search
     except ImportError as error:
-        raise RuntimeError(f"tcnn-fx search needs Optuna ({error}): pip install 'tcnn_fx[search]'") from error
+        raise MissingDependencyError(f"tcnn-fx search needs Optuna ({error}): pip install 'tcnn_fx[search]'") from error
     from tcnn_fx.search import front as fronts
     from tcnn_fx.search.evaluate import CandidateEvaluator
 
     objectives = tuple(args.objectives.split(","))
     if "accuracy" in objectives and not args.data and args.export_policy is None:
-        raise ValueError(
+        raise InvalidInputError(
             "the accuracy objective fine-tunes each candidate: pass --data, or leave accuracy out of --objectives"
         )
     out = Path(args.out)
@@ -571,7 +574,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError) as error:
+    except TcnnFxError as error:
         console.print(f"[red]error:[/] {error}")
         sys.exit(2)
 

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tcnn_fx.errors import InvalidInputError, UsageError
 from tcnn_fx.sites import Site
 from tcnn_fx.stages import stage_table
 
@@ -41,7 +42,7 @@ COMPARISONS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq, "<": ope
 _TOKEN = re.compile(r"\s*(\(|\)|&|\||~|[^\s()&|~]+)")
 
 
-class PolicyError(ValueError):
+class PolicyError(InvalidInputError):
     """A policy that cannot apply to the model; the message lists what exists."""
 
 
@@ -91,7 +92,7 @@ class Policy:
             return cls(select="all", where=policy)
         names = tuple(policy)
         if not all(isinstance(n, str) for n in names):
-            raise TypeError(f"a policy list must hold site names, got {names!r}")
+            raise UsageError(f"a policy list must hold site names, got {names!r}")
         return cls(select="none", sites=names)
 
     def __and__(self, other: Policy | str) -> Policy:

@@ -15,11 +15,12 @@ import torch
 from torch import fx, nn
 
 from tcnn_fx.capture import capture
+from tcnn_fx.errors import InvalidInputError, UsageError, VerificationError
 from tcnn_fx.layers import ConvAttentionConfig
+from tcnn_fx.leaf_sites import INNER, find_leaf_sites
 from tcnn_fx.passes.conv_to_attention import Conversion, convert_sites
 from tcnn_fx.passes.shape_prop import FLOPS_KEY, propagate_shapes
 from tcnn_fx.policy import Policy
-from tcnn_fx.leaf_sites import INNER, find_leaf_sites
 from tcnn_fx.sites import Site, find_sites
 from tcnn_fx.submodule import recorded_inputs, resolve
 
@@ -132,11 +133,11 @@ def rewrite(
     graph's ``meta['tcnn_fx.report']``; ``tcnn_fx.report_of(result)`` finds it.
     """
     if config is not None and layer_options:
-        raise TypeError(f"pass either config or layer options {sorted(layer_options)}, not both")
+        raise UsageError(f"pass either config or layer options {sorted(layer_options)}, not both")
     config = config or ConvAttentionConfig(**layer_options)
     policy = Policy.coerce(policy)
     if module_inputs is not None and module is None:
-        raise TypeError("module_inputs are the inputs of the submodule named by module=; pass module too")
+        raise UsageError("module_inputs are the inputs of the submodule named by module=; pass module too")
     work = copy.deepcopy(model)
     if module is None:
         example_inputs = default_inputs(model, example_inputs)
@@ -145,7 +146,9 @@ def rewrite(
         target = resolve(work, module)
         if module_inputs is None:
             module_inputs = recorded_inputs(work, module, default_inputs(model, example_inputs))
-        graph_module = _rewrite_copy(target, policy, tuple(module_inputs), config, fold_norm, leaf_modules, spec, module)
+        graph_module = _rewrite_copy(
+            target, policy, tuple(module_inputs), config, fold_norm, leaf_modules, spec, module
+        )
         work.set_submodule(module, graph_module)
         result = work
     if verify:
@@ -153,7 +156,7 @@ def rewrite(
 
         checked = verify_models(model, result, example_inputs, module_inputs=module_inputs)
         if not checked.passed:
-            raise AssertionError(f"the rewritten model does not match the original:\n{checked.table()}")
+            raise VerificationError(f"the rewritten model does not match the original:\n{checked.table()}")
     return result
 
 
@@ -227,10 +230,10 @@ def located_report(hybrid: nn.Module) -> tuple[str, RewriteReport]:
         if isinstance(module, fx.GraphModule) and REPORT_KEY in module.meta
     ]
     if not found:
-        raise ValueError(f"{type(hybrid).__name__} was not produced by tcnn_fx.rewrite (no report attached)")
+        raise InvalidInputError(f"{type(hybrid).__name__} was not produced by tcnn_fx.rewrite (no report attached)")
     if len(found) > 1:
         names = [name for name, _ in found]
-        raise ValueError(
+        raise InvalidInputError(
             f"{type(hybrid).__name__} holds {len(found)} rewritten submodules {names}; "
             "ask for one: report_of(model.get_submodule(name))"
         )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
+from tcnn_fx.errors import InvalidInputError
+
 if TYPE_CHECKING:
     from typing import Self  # Python 3.11; annotations are strings here, so 3.10 never imports it
 
@@ -19,5 +21,5 @@ class DictSettings:
     def from_dict(cls, data: dict) -> Self:
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+            raise InvalidInputError(f"unknown {cls.__name__} fields {sorted(unknown)}")
         return cls(**data)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from tcnn_fx.errors import InvalidInputError
 from tcnn_fx.layers import ConvAttention2d, ConvAttentionConfig, ConvGeometry
 from tcnn_fx.layers.conv_attention import conv2d_mismatch
 from tcnn_fx.passes.shape_prop import spatial_size
@@ -83,7 +84,9 @@ def _register_library_types() -> None:
     except ImportError:
         return
     for module in (norm, norm_act):
-        NORM_TYPES.update(cls for cls in _modules_defined_in(module) if "Norm" in cls.__name__ or "Frozen" in cls.__name__)
+        NORM_TYPES.update(
+            cls for cls in _modules_defined_in(module) if "Norm" in cls.__name__ or "Frozen" in cls.__name__
+        )
     ACTIVATION_TYPES.update(_modules_defined_in(activations))
 
 
@@ -257,7 +260,9 @@ class _SiteBuilder:
         elif not self._is_parameter(weight.target):
             reason = "the weight is a buffer (a fixed filter such as a blur), not a parameter"
         bias = args["bias"]
-        if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr" and self._is_parameter(bias.target)):
+        if bias is not None and not (
+            isinstance(bias, fx.Node) and bias.op == "get_attr" and self._is_parameter(bias.target)
+        ):
             reason = reason or "the bias is not a parameter"
         owner = weight.target.rsplit(".", 1)[0] if is_attribute and "." in weight.target else ""
         return self._with_pad(node, args["input"], dict(
@@ -341,7 +346,7 @@ def find_sites(graph_module: fx.GraphModule, config: ConvAttentionConfig | None 
     placeholder = next(n for n in graph.nodes if n.op == "placeholder")
     network_input = spatial_size(placeholder)
     if network_input is None:
-        raise ValueError(f"the first input '{placeholder.name}' is not an NCHW image batch; sites need one")
+        raise InvalidInputError(f"the first input '{placeholder.name}' is not an NCHW image batch; sites need one")
     builder = _SiteBuilder(graph_module, config)
     raw = [facts for node in graph.nodes if (facts := builder.facts(node)) is not None]
     for facts in raw:
@@ -430,4 +435,3 @@ def _scalar_attributes(site: Site) -> dict:
         elif value is not None:
             row[key] = value
     return row
-

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tcnn_fx.errors import MissingFileError, ModelSpecError, UsageError
 from tcnn_fx.models import cifar_resnet
 
 #: The input size each source of models expects by default.
@@ -25,7 +26,7 @@ DEFAULT_INPUT_SIZE = {"cifar": 32}
 def parse(spec: str) -> tuple[str, str]:
     source, sep, name = spec.rpartition(":")
     if not sep or not source or not name:
-        raise ValueError(
+        raise ModelSpecError(
             f"model spec {spec!r} is not SOURCE:NAME; use torchvision:NAME, timm:NAME, cifar:resnetDEPTH "
             "or path/to/file.py:factory"
         )
@@ -44,22 +45,22 @@ def build(spec: str, *, num_classes: int | None = None) -> nn.Module:
         import torchvision
 
         if name not in torchvision.models.list_models():
-            raise ValueError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
+            raise ModelSpecError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
         return torchvision.models.get_model(name, **_no_downloads(torchvision.models.get_model_builder(name)), **extra)
     if source == "timm":
         import timm
 
         if not timm.is_model(name):
-            raise ValueError(f"timm has no model {name!r}; see timm.list_models()")
+            raise ModelSpecError(f"timm has no model {name!r}; see timm.list_models()")
         return timm.create_model(name, pretrained=False, **extra)
     if source == "cifar":
         match = re.fullmatch(r"resnet(\d+)", name)
         if not match:
-            raise ValueError(f"cifar models are resnetDEPTH (resnet20, resnet56, ...), not {name!r}")
+            raise ModelSpecError(f"cifar models are resnetDEPTH (resnet20, resnet56, ...), not {name!r}")
         return cifar_resnet(int(match.group(1)), **extra)
     if source.endswith(".py"):
         return _from_file(Path(source), name, extra)
-    raise ValueError(f"unknown model source {source!r} in {spec!r}; use torchvision, timm, cifar or a .py file")
+    raise ModelSpecError(f"unknown model source {source!r} in {spec!r}; use torchvision, timm, cifar or a .py file")
 
 
 def _no_downloads(builder) -> dict:
@@ -71,17 +72,17 @@ def _no_downloads(builder) -> dict:
 
 def _from_file(path: Path, factory: str, extra: dict) -> nn.Module:
     if not path.is_file():
-        raise FileNotFoundError(f"model file {path} does not exist")
+        raise MissingFileError(f"model file {path} does not exist")
     module_spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     if not hasattr(module, factory):
-        raise ValueError(
+        raise ModelSpecError(
             f"{path} has no {factory!r}; it defines {sorted(n for n in vars(module) if not n.startswith('_'))}"
         )
     model = getattr(module, factory)(**extra)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{path}:{factory} returned a {type(model).__name__}, not an nn.Module")
+        raise UsageError(f"{path}:{factory} returned a {type(model).__name__}, not an nn.Module")
     return model
 
 
@@ -91,14 +92,14 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+        raise ModelSpecError(f"{path} holds a {type(state).__name__}, not a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shape mismatches
-        raise ValueError(f"weights {path} do not match {type(model).__name__}: {error}") from error
+        raise ModelSpecError(f"weights {path} do not match {type(model).__name__}: {error}") from error
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
+        raise ModelSpecError(
             f"weights {path} do not match {type(model).__name__}: missing {result.missing_keys[:8]}, "
             f"unexpected {result.unexpected_keys[:8]}"
         )
@@ -113,13 +114,15 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
     input width.
     """
     if num_classes < 1:
-        raise ValueError(f"num_classes must be at least 1, not {num_classes}")
+        raise ModelSpecError(f"num_classes must be at least 1, not {num_classes}")
     if hasattr(model, "reset_classifier"):
         model.reset_classifier(num_classes)
         return model
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier to replace with {num_classes} outputs")
+        raise ModelSpecError(
+            f"{type(model).__name__} has no nn.Linear classifier to replace with {num_classes} outputs"
+        )
     name, head = linears[-1]
     model.set_submodule(name, nn.Linear(head.in_features, num_classes, bias=head.bias is not None))
     return model

@@ -52,6 +52,7 @@ import networkx as nx
 import torch
 from torch import fx
 
+from tcnn_fx.errors import InvalidInputError
 from tcnn_fx.layers import ConvGeometry
 from tcnn_fx.passes.shape_prop import spatial_size
 
@@ -214,7 +215,9 @@ class _Dataflow:
         self.graph = dataflow = dataflow.subgraph(reachable).copy()
         dataflow.add_edges_from((n, self.EXIT) for n in list(dataflow.nodes) if dataflow.out_degree(n) == 0)
         tree = nx.DiGraph(
-            (parent, child) for child, parent in nx.immediate_dominators(dataflow, self.START).items() if child != parent
+            (parent, child)
+            for child, parent in nx.immediate_dominators(dataflow, self.START).items()
+            if child != parent
         )
         # Pre/post-order numbers on the dominator tree: a dominates b iff a's interval holds b's.
         self._entered, self._left, clock = {self.START: 0}, {}, 0
@@ -352,7 +355,7 @@ def assign_stages(
     placeholder = next(n for n in graph.nodes if n.op == "placeholder")
     network_input = spatial_size(placeholder)
     if network_input is None:
-        raise ValueError(f"the first input '{placeholder.name}' is not an NCHW image batch; stages need one")
+        raise InvalidInputError(f"the first input '{placeholder.name}' is not an NCHW image batch; stages need one")
     depths, levels = node_depths(graph, network_input, convolutions)
     dataflow = _Dataflow(graph)
     expansions = dataflow.expansions(depths, convolutions)

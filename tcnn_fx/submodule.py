@@ -16,10 +16,11 @@ import difflib
 import torch
 from torch import nn
 
-from tcnn_fx.capture import restored_modes
+from tcnn_fx.errors import InvalidInputError
+from tcnn_fx.modes import evaluating
 
 
-class SubmoduleError(ValueError):
+class SubmoduleError(InvalidInputError):
     """A module path that does not exist, or a submodule whose inputs cannot be derived; the message says
     what exists or what would work."""
 
@@ -57,8 +58,7 @@ def recorded_inputs(model: nn.Module, path: str, example_inputs: tuple) -> tuple
     handles = [submodule.register_forward_pre_hook(record, with_kwargs=True)]
     handles += [model.get_submodule(name).register_forward_pre_hook(neighbour(name)) for name in neighbours]
     try:
-        with restored_modes(model), torch.no_grad():
-            model.eval()
+        with evaluating(model), torch.no_grad():
             try:
                 model(*example_inputs)
             except Exception as error:  # noqa: BLE001 - re-raised with what would work

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from tcnn_fx.errors import InvalidInputError
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -53,7 +55,7 @@ def time_side_by_side(
     fastest and the slowest round per name.
     """
     if rounds < 1 or warmup < 0 or min_seconds < 0:
-        raise ValueError(
+        raise InvalidInputError(
             f"rounds must be >= 1, warmup and min_seconds >= 0, got rounds={rounds}, warmup={warmup}, "
             f"min_seconds={min_seconds}"
         )

@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tcnn_fx.capture import timm_attention_types
+from tcnn_fx.errors import InvalidInputError
 from tcnn_fx.layers import ConvAttention2d, ConvStem
 from tcnn_fx.policy import COMPARISONS, PolicyError
 
 
-class TokenModelError(ValueError):
+class TokenModelError(InvalidInputError):
     """The model lacks what a ViT pass needs (attention layers, a patchify stem, usable positional embeddings)."""
 
 

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from tcnn_fx.capture import capture, restored_modes
+from tcnn_fx.capture import capture
+from tcnn_fx.errors import InvalidInputError, UsageError
 from tcnn_fx.leaf_sites import INNER
+from tcnn_fx.modes import evaluating
 from tcnn_fx.rewrite import located_report
 from tcnn_fx.submodule import recorded_inputs, resolve
 
@@ -59,7 +61,7 @@ class VerifyReport:
 
 def compare(name: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float) -> Comparison:
     if actual.shape != expected.shape:
-        raise ValueError(f"{name}: output shape {tuple(actual.shape)} differs from {tuple(expected.shape)}")
+        raise InvalidInputError(f"{name}: output shape {tuple(actual.shape)} differs from {tuple(expected.shape)}")
     difference = (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
     scale = expected.double().abs().max().item() if expected.numel() else 0.0
     relative = difference / scale if scale > 0 else (0.0 if difference == 0 else float("inf"))
@@ -131,17 +133,16 @@ def verify(
     if path:
         if module_inputs is None:
             if example_inputs is None:
-                raise TypeError("give the model's example_inputs (or the submodule's module_inputs) to verify")
+                raise UsageError("give the model's example_inputs (or the submodule's module_inputs) to verify")
             module_inputs = recorded_inputs(original, path, example_inputs)
         original, rewritten, example_inputs = resolve(original, path), resolve(rewritten, path), tuple(module_inputs)
     elif example_inputs is None:
-        raise TypeError("verify needs example_inputs")
+        raise UsageError("verify needs example_inputs")
     dtype = example_inputs[0].dtype
     rtol = DEFAULT_RTOL.get(dtype, 1e-5) if rtol is None else rtol
     wanted = {name for pair in report.site_nodes.values() for name in pair}
     inner = [name for name, pair in report.site_nodes.items() if pair == (INNER, INNER)]
-    with restored_modes(original, rewritten), torch.no_grad():
-        original.eval(), rewritten.eval()
+    with evaluating(original, rewritten), torch.no_grad():
         graph = capture(original, example_inputs)
         recorder = _Recorder(graph, wanted)
         with _recorded_modules(original, inner) as inner_values:
@@ -149,7 +150,7 @@ def verify(
         recorder.values.update(inner_values)
         actual = _flatten(rewritten(*example_inputs))
         if len(actual) != len(expected):
-            raise ValueError(f"the models return {len(actual)} and {len(expected)} tensors")
+            raise InvalidInputError(f"the models return {len(actual)} and {len(expected)} tensors")
         outputs = [compare("output", a, e, rtol, atol) for a, e in zip(actual, expected)]
         output = max(outputs, key=lambda c: c.max_rel)
         sites = []
@@ -157,7 +158,9 @@ def verify(
             if input_node == INNER:
                 input_node, output_node = f"{name}:input", f"{name}:output"
             if input_node not in recorder.values or output_node not in recorder.values:
-                raise ValueError(f"site '{name}' is not in the original model's graph: was it rewritten from another?")
+                raise InvalidInputError(
+                    f"site '{name}' is not in the original model's graph: was it rewritten from another?"
+                )
             layer = rewritten.get_submodule(name)
             site_out = layer(recorder.values[input_node])
             sites.append(compare(name, site_out, recorder.values[output_node], rtol, atol))

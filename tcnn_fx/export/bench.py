@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tcnn_fx.errors import InvalidInputError
 from tcnn_fx.export.onnx import _session, to_onnx, verify_onnx
+from tcnn_fx.modes import evaluating
 from tcnn_fx.rewrite import report_of
 from tcnn_fx.timing import time_side_by_side
 
@@ -60,11 +62,10 @@ def bench(
     """
     unknown = set(runtimes) - set(RUNTIMES)
     if unknown:
-        raise ValueError(f"unknown runtimes {sorted(unknown)}; choose from {RUNTIMES}")
+        raise InvalidInputError(f"unknown runtimes {sorted(unknown)}; choose from {RUNTIMES}")
     flop_ratio = report_of(hybrid).flop_ratio
-    model.eval(), hybrid.eval()
     rows = []
-    with tempfile.TemporaryDirectory(prefix="tcnn_fx-bench-") as folder:
+    with evaluating(model, hybrid), tempfile.TemporaryDirectory(prefix="tcnn_fx-bench-") as folder:
         sessions = {}
         if "ort" in runtimes:
             example = (torch.randn(2, *input_shape),)
@@ -84,7 +85,9 @@ def bench(
                 timing = time_side_by_side(fns, warmup=warmup, rounds=rounds, min_seconds=min_seconds)
             for runtime in runtimes:
                 rows.append(
-                    BenchRow(batch, runtime, timing[(runtime, "cnn")].median, timing[(runtime, "hybrid")].median, flop_ratio)
+                    BenchRow(
+                        batch, runtime, timing[(runtime, "cnn")].median, timing[(runtime, "hybrid")].median, flop_ratio
+                    )
                 )
     return rows
 

@@ -22,14 +22,22 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from tcnn_fx.capture import restored_modes
+from tcnn_fx.errors import (
+    InvalidInputError,
+    MissingDependencyError,
+    MissingFileError,
+    TcnnFxError,
+    UnwritablePathError,
+    VerificationError,
+)
 from tcnn_fx.files import atomic_write
+from tcnn_fx.modes import evaluating
 from tcnn_fx.verify import Comparison, compare
 
 SUPPORTED_OPSETS = range(18, 24)
 
 
-class ExportError(RuntimeError):
+class ExportError(TcnnFxError, RuntimeError):
     """The model cannot be exported; the message says why, from the exporter."""
 
 
@@ -86,12 +94,12 @@ def to_onnx(
     metadata (tcnn_fx version, base model, policy, opset).
     """
     if opset not in SUPPORTED_OPSETS:
-        raise ValueError(f"opset {opset} is not supported; use one of {list(SUPPORTED_OPSETS)}")
+        raise InvalidInputError(f"opset {opset} is not supported; use one of {list(SUPPORTED_OPSETS)}")
     path = Path(path)
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
+        raise MissingFileError(f"cannot write {path}: directory {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK):
-        raise PermissionError(f"cannot write {path}: directory {path.parent} is not writable")
+        raise UnwritablePathError(f"cannot write {path}: directory {path.parent} is not writable")
     metadata = _metadata(model, opset) | {"fp16": str(fp16).lower()}
     if fp16:
         model = copy.deepcopy(model).half()
@@ -100,8 +108,7 @@ def to_onnx(
     if dynamic_batch:
         batch = torch.export.Dim("batch")
         dynamic_shapes = tuple({0: batch} for _ in example_inputs)
-    with restored_modes(model):
-        model.eval()
+    with evaluating(model):
         program = _export(model, example_inputs, opset, dynamic_shapes, optimize)
     onnx_model = program.model
     if ort_fusions:
@@ -141,17 +148,17 @@ def _session(path: Path, provider: str, *, spinning: bool = True):
     try:
         import onnxruntime as ort
     except ImportError as error:
-        raise RuntimeError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from error
+        raise MissingDependencyError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from error
     available = ort.get_available_providers()
     if provider not in available:
-        raise RuntimeError(f"ONNX Runtime provider {provider} is not available; available: {available}")
+        raise MissingDependencyError(f"ONNX Runtime provider {provider} is not available; available: {available}")
     options = ort.SessionOptions()
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     settings = {"use_tf32": "0"} if provider == "CUDAExecutionProvider" else {}  # exact float32 products
     session = ort.InferenceSession(str(path), options, providers=[(provider, settings)])
     if session.get_providers()[0] != provider:
-        raise RuntimeError(
+        raise MissingDependencyError(
             f"ONNX Runtime could not use {provider} on this machine (it fell back to {session.get_providers()[0]})"
         )
     return session
@@ -162,7 +169,11 @@ def _top1(comparison: Comparison, actual: torch.Tensor, expected: torch.Tensor, 
     if not required or actual.dim() != 2:
         return comparison
     agree = bool((actual.argmax(1) == expected.cpu().argmax(1)).all())
-    return dataclasses.replace(comparison, passed=comparison.passed and agree, name=f"{comparison.name} (top-1 {'agrees' if agree else 'DIFFERS'})")
+    return dataclasses.replace(
+        comparison,
+        passed=comparison.passed and agree,
+        name=f"{comparison.name} (top-1 {'agrees' if agree else 'DIFFERS'})",
+    )
 
 
 def verify_onnx(
@@ -183,8 +194,7 @@ def verify_onnx(
     per-output table when an output's relative error exceeds ``rtol`` (and its
     absolute error ``atol``).
     """
-    with restored_modes(model), torch.no_grad():
-        model.eval()
+    with evaluating(model), torch.no_grad():
         expected = model(*inputs)
     expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
     checks = []
@@ -205,5 +215,5 @@ def verify_onnx(
         checks.append(OnnxCheck(provider, outputs))
     failed = [c for c in checks if not c.passed]
     if failed:
-        raise AssertionError("ONNX Runtime disagrees with PyTorch:\n" + "\n".join(c.table() for c in failed))
+        raise VerificationError("ONNX Runtime disagrees with PyTorch:\n" + "\n".join(c.table() for c in failed))
     return checks

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune, skip_init
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from tcnn_fx.errors import InvalidInputError, UsageError
 from tcnn_fx.layers import native
 from tcnn_fx.layers.conv_geometry import ConvGeometry
 from tcnn_fx.layers.positional import positional_attention, relative_offsets
@@ -68,11 +69,13 @@ class ConvAttentionConfig(DictSettings):
 
     def __post_init__(self) -> None:
         if self.gate not in ("linear", "sigmoid"):
-            raise ValueError(f"gate must be 'linear' or 'sigmoid', got {self.gate!r}")
+            raise InvalidInputError(f"gate must be 'linear' or 'sigmoid', got {self.gate!r}")
         if not math.isfinite(self.locality_strength) or self.locality_strength <= 0:
-            raise ValueError(f"locality_strength must be a positive finite number, got {self.locality_strength!r}")
+            raise InvalidInputError(
+                f"locality_strength must be a positive finite number, got {self.locality_strength!r}"
+            )
         if self.qk_dim is not None and self.qk_dim < 1:
-            raise ValueError(f"qk_dim must be a positive int or None, got {self.qk_dim!r}")
+            raise InvalidInputError(f"qk_dim must be a positive int or None, got {self.qk_dim!r}")
 
     @classmethod
     def exact(cls, qk_dim: int | None = None) -> ConvAttentionConfig:
@@ -121,7 +124,7 @@ class AttentionMaps:
         or ``content`` part alone.
         """
         if which not in ("combined", "positional", "content"):
-            raise ValueError(f"which must be 'combined', 'positional' or 'content', not {which!r}")
+            raise InvalidInputError(f"which must be 'combined', 'positional' or 'content', not {which!r}")
         maps = getattr(self, which)
         maps = maps[None] if maps.ndim == 3 else maps
         distance = self.offsets.norm(dim=-1).to(maps.dtype)
@@ -171,18 +174,20 @@ def conv2d_mismatch(conv: nn.Conv2d) -> str | None:
 def _reject_unsupported(conv: nn.Module) -> None:
     """Raise a clear error for a module that ``from_conv`` cannot reproduce exactly."""
     if isinstance(conv, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-        raise TypeError(f"{type(conv).__name__} is a transposed convolution; ConvAttention2d reproduces nn.Conv2d only")
+        raise UsageError(
+            f"{type(conv).__name__} is a transposed convolution; ConvAttention2d reproduces nn.Conv2d only"
+        )
     if isinstance(conv, (nn.Conv1d, nn.Conv3d)):
-        raise TypeError(f"{type(conv).__name__} is not 2-d; ConvAttention2d reproduces nn.Conv2d only")
+        raise UsageError(f"{type(conv).__name__} is not 2-d; ConvAttention2d reproduces nn.Conv2d only")
     if not isinstance(conv, nn.Conv2d):
-        raise TypeError(f"expected an nn.Conv2d, got {type(conv).__name__}")
+        raise UsageError(f"expected an nn.Conv2d, got {type(conv).__name__}")
     if isinstance(conv.weight, nn.parameter.UninitializedParameter):
-        raise ValueError(f"{type(conv).__name__}.weight is uninitialised (lazy); run one forward pass first")
+        raise InvalidInputError(f"{type(conv).__name__}.weight is uninitialised (lazy); run one forward pass first")
     reason = conv2d_mismatch(conv)
     if reason is not None:
-        raise ValueError(f"{type(conv).__name__} {reason}")
+        raise InvalidInputError(f"{type(conv).__name__} {reason}")
     if conv.weight.is_complex():
-        raise TypeError(
+        raise UsageError(
             f"{type(conv).__name__}.weight is complex ({conv.weight.dtype}); only real dtypes are supported"
         )
 
@@ -298,7 +303,7 @@ class ConvAttention2d(nn.Module):
         super().__init__()
         geometry = ConvGeometry.resolve(kernel_size, stride, padding, dilation, groups, padding_mode)
         if in_channels % groups or out_channels % groups:
-            raise ValueError(
+            raise InvalidInputError(
                 f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
             )
         self.config = config if config is not None else ConvAttentionConfig()
@@ -366,7 +371,9 @@ class ConvAttention2d(nn.Module):
         """
         out_channels, in_per_group = weight.shape[:2]
         if tuple(weight.shape[2:]) != geometry.kernel_size:
-            raise ValueError(f"weight of shape {tuple(weight.shape)} does not match kernel {geometry.kernel_size}")
+            raise InvalidInputError(
+                f"weight of shape {tuple(weight.shape)} does not match kernel {geometry.kernel_size}"
+            )
         top, bottom, left, right = geometry.padding
         layer = skip_init(
             cls,
@@ -516,7 +523,7 @@ class ConvAttention2d(nn.Module):
         are exactly the keys, the same tensor is returned for both.
         """
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
+            raise InvalidInputError(
                 f"ConvAttention2d expects NCHW input with {self.in_channels} channels, got shape {tuple(x.shape)}"
             )
         g = self.geometry

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from tcnn_fx.errors import InvalidInputError
+
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
@@ -21,7 +23,9 @@ def _pair(value: int | tuple[int, ...], name: str) -> tuple[int, int]:
     if isinstance(value, int):
         return (value, value)
     if len(value) != 2:
-        raise ValueError(f"{name} must be an int or a pair of ints{' or four ints' * (name == 'padding')}, got {value!r}")
+        raise InvalidInputError(
+            f"{name} must be an int or a pair of ints{' or four ints' * (name == 'padding')}, got {value!r}"
+        )
     return (int(value[0]), int(value[1]))
 
 
@@ -51,13 +55,15 @@ class ConvGeometry:
         for name in ("kernel_size", "stride", "dilation"):
             values = getattr(self, name)
             if len(values) != 2 or min(values) < 1:
-                raise ValueError(f"{name} must be two positive ints, got {values!r}")
+                raise InvalidInputError(f"{name} must be two positive ints, got {values!r}")
         if len(self.padding) != 4 or min(self.padding) < 0:
-            raise ValueError(f"padding must be four non-negative ints (top, bottom, left, right), got {self.padding!r}")
+            raise InvalidInputError(
+                f"padding must be four non-negative ints (top, bottom, left, right), got {self.padding!r}"
+            )
         if self.padding_mode not in PADDING_MODES:
-            raise ValueError(f"padding_mode {self.padding_mode!r} is not one of {PADDING_MODES}")
+            raise InvalidInputError(f"padding_mode {self.padding_mode!r} is not one of {PADDING_MODES}")
         if self.groups < 1:
-            raise ValueError(f"groups must be a positive int, got {self.groups}")
+            raise InvalidInputError(f"groups must be a positive int, got {self.groups}")
 
     @classmethod
     def resolve(
@@ -78,10 +84,10 @@ class ConvGeometry:
                 sides = (0, 0, 0, 0)
             elif padding == "same":
                 if stride_ != (1, 1):
-                    raise ValueError(f"padding='same' needs stride 1 (as in nn.Conv2d), got stride {stride_}")
+                    raise InvalidInputError(f"padding='same' needs stride 1 (as in nn.Conv2d), got stride {stride_}")
                 sides = _split(dilation_[0] * (kernel[0] - 1)) + _split(dilation_[1] * (kernel[1] - 1))
             else:
-                raise ValueError(f"padding {padding!r} is not an int, a pair of ints, 'same' or 'valid'")
+                raise InvalidInputError(f"padding {padding!r} is not an int, a pair of ints, 'same' or 'valid'")
         elif not isinstance(padding, int) and len(padding) == 4:
             sides = tuple(int(p) for p in padding)
         else:
@@ -122,7 +128,7 @@ class ConvGeometry:
         """
         padded = self.padded_size(height, width)
         if padded[0] < self.span[0] or padded[1] < self.span[1]:
-            raise ValueError(
+            raise InvalidInputError(
                 f"input {height}x{width} padded to {padded[0]}x{padded[1]} is smaller than "
                 f"the dilated kernel {self.span[0]}x{self.span[1]}"
             )
@@ -166,4 +172,3 @@ class ConvGeometry:
         """Multiply-accumulates x 2 of the convolution at this input size, per image (bias excluded)."""
         out_h, out_w = self.output_size(height, width)
         return 2 * out_h * out_w * out_channels * (in_channels // self.groups) * self.num_taps
-

@@ -12,6 +12,8 @@ import math
 
 from torch import nn
 
+from tcnn_fx.errors import InvalidInputError
+
 
 def stem_widths(embed_dim: int, patch_size: int) -> list[int]:
     """Widths of the 3x3 stride-2 convolutions for an ``embed_dim``-wide ViT with ``patch_size`` patches.
@@ -22,7 +24,7 @@ def stem_widths(embed_dim: int, patch_size: int) -> list[int]:
     to multiples of 8 (at least 8).
     """
     if patch_size < 2 or patch_size & (patch_size - 1):
-        raise ValueError(
+        raise InvalidInputError(
             f"patch size {patch_size} is not a power of 2: a stack of stride-2 convolutions cannot make that grid"
         )
     depth = int(math.log2(patch_size))
@@ -34,7 +36,7 @@ class ConvStem(nn.Sequential):
 
     def __init__(self, in_channels: int, widths: list[int], embed_dim: int, *, bias: bool = True):
         if not widths:
-            raise ValueError("a convolutional stem needs at least one 3x3 stride-2 convolution")
+            raise InvalidInputError("a convolutional stem needs at least one 3x3 stride-2 convolution")
         layers: list[nn.Module] = []
         channels = in_channels
         for width in widths:

@@ -68,7 +68,9 @@ def positional_attention(
     top, _, left, _ = geometry.padding
     heads = centres.shape[0]
     factors = []
-    for axis, (out_len, padded_len, in_len, start) in enumerate(((out_h, pad_h, height, top), (out_w, pad_w, width, left))):
+    for axis, (out_len, padded_len, in_len, start) in enumerate(
+        ((out_h, pad_h, height, top), (out_w, pad_w, width, left))
+    ):
         offsets = _axis_offsets(geometry, axis, out_len, padded_len, centres.device, centres.dtype)
         scores = -locality[:, None, None] * (offsets.unsqueeze(0) - centres[:, axis, None, None]).square()
         factor = scores.softmax(dim=-1)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tcnn_fx.errors import InvalidInputError
+
 #: Blocks per stage for each depth: depth = 6 * blocks + 2.
 CIFAR_DEPTHS = {20: 3, 32: 5, 44: 7, 56: 9, 110: 18}
 
@@ -70,5 +72,5 @@ class CifarResNet(nn.Module):
 def cifar_resnet(depth: int, num_classes: int = 10) -> CifarResNet:
     """The CIFAR ResNet of the given depth (20, 32, 44, 56 or 110)."""
     if depth not in CIFAR_DEPTHS:
-        raise ValueError(f"CIFAR ResNet depth {depth} is not one of {sorted(CIFAR_DEPTHS)}")
+        raise InvalidInputError(f"CIFAR ResNet depth {depth} is not one of {sorted(CIFAR_DEPTHS)}")
     return CifarResNet(CIFAR_DEPTHS[depth], num_classes)

@@ -54,6 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tcnn_fx.errors import InvalidInputError
+from tcnn_fx.modes import evaluating
 from tcnn_fx.tokens import (
     AttentionSite,
     AttentionWeights,
@@ -126,7 +128,7 @@ def target_logits(grid_size: tuple[int, int], offset: tuple[int, int], target: s
     elif target == "onehot":
         logits = strength * (points[None, :, :] == wanted[:, None, :]).all(-1).double()
     else:
-        raise ValueError(f"target must be 'distance' or 'onehot', not {target!r}")
+        raise InvalidInputError(f"target must be 'distance' or 'onehot', not {target!r}")
     return logits - logits.mean(dim=1, keepdim=True)
 
 
@@ -193,7 +195,7 @@ def target_mass(maps: Tensor, grid: TokenGrid, offsets: list[tuple[int, int]]) -
     ``maps`` is ``(batch, heads, L, L)`` over the whole sequence, ``grid.prefix`` tokens first.
     """
     if maps.shape[-1] != grid.prefix + len(grid.positions):
-        raise ValueError(
+        raise InvalidInputError(
             f"attention over {maps.shape[-1]} tokens, but the grid {grid.grid_size} with {grid.prefix} prefix tokens "
             f"makes {grid.prefix + len(grid.positions)}: the images are not of the size the model was initialised for"
         )
@@ -247,20 +249,20 @@ def impulse_init(
     form as it is.
     """
     if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be odd (3 or 5 in the paper), not {kernel_size}")
+        raise InvalidInputError(f"kernel_size must be odd (3 or 5 in the paper), not {kernel_size}")
     if order not in ("random", "fixed"):
-        raise ValueError(f"order must be 'random' or 'fixed', not {order!r}")
+        raise InvalidInputError(f"order must be 'random' or 'fixed', not {order!r}")
     strength = DEFAULT_STRENGTH.get(target) if strength is None else strength
     if strength is None or strength <= 0:
-        raise ValueError(f"target must be one of {sorted(DEFAULT_STRENGTH)} with a positive strength")
+        raise InvalidInputError(f"target must be one of {sorted(DEFAULT_STRENGTH)} with a positive strength")
     if refine_steps < 0 or refine_lr <= 0:
-        raise ValueError(f"refine_steps must be >= 0 and refine_lr > 0, not {refine_steps} and {refine_lr}")
+        raise InvalidInputError(f"refine_steps must be >= 0 and refine_lr > 0, not {refine_steps} and {refine_lr}")
     model = _copy(model, inplace)
     if position_scale is not None:
         scale_positions(model, example_inputs, position_scale, inplace=True)
     grid = find_token_grid(model, example_inputs)
     if kernel_size > min(grid.grid_size):
-        raise ValueError(f"kernel_size {kernel_size} is larger than the {grid.grid_size} token grid")
+        raise InvalidInputError(f"kernel_size {kernel_size} is larger than the {grid.grid_size} token grid")
     sites = _sites(model, policy)
     unusable = [s.name for s in sites if s.kind == "conv_attention"]
     if unusable:
@@ -313,13 +315,12 @@ def scale_positions(
     ``impulse_init(position_scale=...)``: the same positions, without the solve.
     """
     if scale <= 0:
-        raise ValueError(f"position scale must be positive, not {scale}")
+        raise InvalidInputError(f"position scale must be positive, not {scale}")
     model = _copy(model, inplace)
     grid = find_token_grid(model, example_inputs)
     stem = model.get_submodule(find_patch_stem(model, example_inputs).name)
-    was_training = stem.training
-    patches = stem.eval()(example_inputs[0])  # eval: a conv stem's batch norms must not learn from the example
-    stem.train(was_training)
+    with evaluating(stem):  # a conv stem's batch norms must not learn from the example
+        patches = stem(example_inputs[0])
     owner, _, attribute = grid.parameter.rpartition(".")
     table = getattr(model.get_submodule(owner), attribute)
     ratio = float(scale * patches.square().mean().sqrt() / table.square().mean().sqrt())
@@ -367,7 +368,9 @@ def mimetic_init(
         )
         if site.has_value:
             noise, identity = value_output
-            value, output = low_rank_factors(_identity_plus_noise(site.embed_dim, noise, -identity, generator), site.width)
+            value, output = low_rank_factors(
+                _identity_plus_noise(site.embed_dim, noise, -identity, generator), site.width
+            )
             weights.set_value_output(value.to(dtype), output.T.to(dtype))
         layers.append(LayerInit(site.name, site.kind, value_output=site.has_value))
     settings = {"query_key": list(query_key), "value_output": list(value_output), "seed": seed}
@@ -384,10 +387,10 @@ def measure_target_mass(model: nn.Module, report: AttentionInitReport, images: T
     architecture before impulse init (a baseline) or after training.
     """
     if report.method != "impulse":
-        raise ValueError(f"a {report.method} report has no target offsets to measure")
+        raise InvalidInputError(f"a {report.method} report has no target offsets to measure")
     grid = find_token_grid(model, (images,))
     if grid.prefix != report.settings["prefix"] or list(grid.grid_size) != report.settings["grid"]:
-        raise ValueError(
+        raise InvalidInputError(
             f"the model's tokens ({grid.grid_size} grid, {grid.prefix} prefix) are not those the report was made for "
             f"({report.settings['grid']} grid, {report.settings['prefix']} prefix)"
         )
@@ -405,7 +408,7 @@ def measure_target_mass(model: nn.Module, report: AttentionInitReport, images: T
     handles = []
     for layer in report.layers:
         if layer.name not in sites:
-            raise ValueError(f"the model has no attention layer '{layer.name}'; it has {sorted(sites)}")
+            raise InvalidInputError(f"the model has no attention layer '{layer.name}'; it has {sorted(sites)}")
         module = modules[layer.name]
         batch_first = getattr(module, "batch_first", True)
         handles.append(module.register_forward_pre_hook(recorder(layer.name, batch_first), with_kwargs=True))

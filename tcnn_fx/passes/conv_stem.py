@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tcnn_fx.errors import InvalidInputError
 from tcnn_fx.layers import ConvStem, stem_widths
+from tcnn_fx.modes import evaluating
 from tcnn_fx.timing import count_flops
 from tcnn_fx.tokens import TokenModelError, find_attention_sites, find_patch_stem
 
@@ -72,17 +74,13 @@ def _forward_flops(model: nn.Module, example_inputs: tuple) -> int:
     ``nn.MultiheadAttention``'s fused inference path is invisible to the FLOP
     counter (it would count 0), so it is turned off while counting.
     """
-    modes = {module: module.training for module in model.modules()}
     fastpath = torch.backends.mha.get_fastpath_enabled()
-    model.eval()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             return count_flops(lambda: model(*example_inputs)) // example_inputs[0].shape[0]
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-        for module, training in modes.items():
-            module.training = training
 
 
 def conv_stem(
@@ -109,7 +107,7 @@ def conv_stem(
     patch = stem.patch_size[0]
     widths = list(widths) if widths is not None else stem_widths(stem.embed_dim, patch)
     if 2 ** len(widths) != patch:
-        raise ValueError(
+        raise InvalidInputError(
             f"{len(widths)} stride-2 convolutions make {2 ** len(widths)}x{2 ** len(widths)} patches, not {patch}x{patch}"
         )
     old = model.get_submodule(stem.name)
@@ -119,8 +117,9 @@ def conv_stem(
     params_before = sum(p.numel() for p in original.parameters())
     new = ConvStem(stem.in_channels, widths, stem.embed_dim, bias=stem.bias).to(old.weight.device, old.weight.dtype)
     with torch.no_grad():
-        after = new.eval()(example_inputs[0]).shape  # eval: the example must not move the new batch norms
-    new.train(old.training)
+        with evaluating(new):  # the example must not move the new batch norms
+            after = new(example_inputs[0]).shape
+    new.train(old.training)  # a fresh stem: it follows the mode of the one it replaces
     if after != before:
         raise TokenModelError(
             f"the conv stem makes tokens of shape {tuple(after)} where '{stem.name}' made {tuple(before)}: the input "

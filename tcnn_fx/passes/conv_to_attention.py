@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from tcnn_fx.errors import InvalidInputError
 from tcnn_fx.layers import ConvAttention2d, ConvAttentionConfig
 from tcnn_fx.leaf_sites import INNER
 from tcnn_fx.policy import Plan
 from tcnn_fx.sites import Site
-
 
 
 def _foldable(norm: nn.Module | None) -> bool:
@@ -43,7 +43,9 @@ class Conversion:
     note: str | None = None
 
 
-def _weights(graph_module: fx.GraphModule, site: Site, nodes: dict[str, fx.Node]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _weights(
+    graph_module: fx.GraphModule, site: Site, nodes: dict[str, fx.Node]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     conv = nodes[site.node]
     if site.kind == "module":
         module = graph_module.get_submodule(conv.target)
@@ -67,7 +69,7 @@ def _check_owner(graph_module: fx.GraphModule, site: Site, nodes: dict[str, fx.N
         target = str(node.target)
         if node.op in ("get_attr", "call_module") and (target == site.name or target.startswith(site.name + ".")):
             if node.name not in own:
-                raise ValueError(
+                raise InvalidInputError(
                     f"site '{site.name}': node '{node.name}' also uses module '{site.name}', so it cannot be "
                     "replaced by the attention layer"
                 )

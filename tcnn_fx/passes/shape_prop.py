@@ -20,6 +20,8 @@ from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+from tcnn_fx.errors import InvalidInputError, TcnnFxError
+
 FLOPS_KEY = "tcnn_fx.flops"
 
 
@@ -43,7 +45,7 @@ class _FlopCounter(TorchDispatchMode):
         return out
 
 
-class ShapePropagationError(RuntimeError):
+class ShapePropagationError(TcnnFxError, RuntimeError):
     """Shape propagation failed; the message names the node and its module."""
 
 
@@ -151,7 +153,7 @@ def _batch_norm_output(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -
     """
     norm._check_input_dim(x)
     if x.shape[1] != norm.num_features:
-        raise ValueError(
+        raise InvalidInputError(
             f"{type(norm).__name__}({norm.num_features}) got an input with {x.shape[1]} channels (shape {tuple(x.shape)})"
         )
     return torch.empty_like(x)
@@ -192,7 +194,7 @@ def spatial_size(node: fx.Node) -> tuple[int, int] | None:
     Needs ``propagate_shapes`` to have run.
     """
     if "val" not in node.meta:
-        raise ValueError(f"node '{node.name}' has no shape: run propagate_shapes first")
+        raise InvalidInputError(f"node '{node.name}' has no shape: run propagate_shapes first")
     value = node.meta["val"]
     if isinstance(value, torch.Tensor) and value.dim() == 4:
         return int(value.shape[-2]), int(value.shape[-1])

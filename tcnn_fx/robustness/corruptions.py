@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from tcnn_fx.errors import InvalidInputError
+
 SEVERITIES = (1, 2, 3, 4, 5)
 #: Images at most this many pixels on a side use the CIFAR-10-C parameters, larger ones ImageNet-C's.
 SMALL = 64
@@ -52,9 +54,9 @@ CORRUPTIONS = tuple(PARAMETERS)
 def parameter(name: str, severity: int, size: int):
     """The parameter of corruption ``name`` at ``severity`` for images of ``size`` pixels."""
     if name not in PARAMETERS:
-        raise ValueError(f"unknown corruption {name!r}; known: {', '.join(CORRUPTIONS)}")
+        raise InvalidInputError(f"unknown corruption {name!r}; known: {', '.join(CORRUPTIONS)}")
     if severity not in SEVERITIES:
-        raise ValueError(f"severity must be one of {SEVERITIES}, not {severity}")
+        raise InvalidInputError(f"severity must be one of {SEVERITIES}, not {severity}")
     return PARAMETERS[name][0 if size <= SMALL else 1][severity - 1]
 
 
@@ -166,7 +168,7 @@ def corrupt(image: Tensor, name: str, severity: int, generator: torch.Generator)
     generators store their images.
     """
     if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"expected a uint8 RGB image (3, H, W), got {image.dtype} {tuple(image.shape)}")
+        raise InvalidInputError(f"expected a uint8 RGB image (3, H, W), got {image.dtype} {tuple(image.shape)}")
     c = parameter(name, severity, max(image.shape[-2:]))
     out = FUNCTIONS[name](image.float() / 255.0, c, generator)
     return (out.clamp(0, 1) * 255).to(torch.uint8)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
+from tcnn_fx.errors import InvalidInputError
 from tcnn_fx.robustness.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from tcnn_fx.training.data import ImageFolderData, Preprocessing, balanced_subset
 from tcnn_fx.training.loop import evaluate_accuracy
@@ -95,10 +96,10 @@ def evaluate_robustness(
     """
     unknown = sorted(set(corruptions) - set(CORRUPTIONS))
     if unknown:
-        raise ValueError(f"unknown corruptions {unknown}; known: {', '.join(CORRUPTIONS)}")
+        raise InvalidInputError(f"unknown corruptions {unknown}; known: {', '.join(CORRUPTIONS)}")
     wrong = sorted(set(severities) - set(SEVERITIES))
     if wrong:
-        raise ValueError(f"severities must be among {SEVERITIES}, not {wrong}")
+        raise InvalidInputError(f"severities must be among {SEVERITIES}, not {wrong}")
     clean = evaluate_accuracy(model, data, batch_size=batch_size, progress=progress, description="clean")
     indices = balanced_subset(data.targets, per_class, seed) if per_class else range(len(data))
     report = RobustnessReport(clean["val_top1"], images=clean["val_images"], corrupted_images=len(indices))

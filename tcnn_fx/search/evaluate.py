@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from tcnn_fx.errors import InvalidInputError
 from tcnn_fx.rewrite import rewrite
 from tcnn_fx.search.space import SearchSpace
 from tcnn_fx.training import FinetuneResult, Recipe, finetune
@@ -45,13 +46,17 @@ class CandidateEvaluator:
 
             shape = tuple(self.example_inputs[0].shape[1:])
             (row,) = bench(
-                self.model, self.hybrid(mask).eval(), shape, batches=(self.batch,), runtimes=(self.runtime,),
+                self.model,
+                self.hybrid(mask).eval(),
+                shape,
+                batches=(self.batch,),
+                runtimes=(self.runtime,),
                 rounds=self.rounds,
             )
             return row.ratio
         if objective == "accuracy":
             return self.finetuned(mask).final_top1
-        raise ValueError(f"cannot measure {objective!r}; measured objectives are latency_ratio and accuracy")
+        raise InvalidInputError(f"cannot measure {objective!r}; measured objectives are latency_ratio and accuracy")
 
     def hybrid(self, mask: tuple[bool, ...]) -> nn.Module:
         """The model with the sites of ``mask`` converted."""
@@ -60,7 +65,7 @@ class CandidateEvaluator:
     def finetuned(self, mask: tuple[bool, ...]) -> FinetuneResult:
         """The hybrid of ``mask`` after the recipe's fine-tune, with its per-epoch metrics (top-1 and loss)."""
         if self.train is None or self.evaluation is None or self.recipe is None:
-            raise ValueError("the accuracy objective needs training data, evaluation data and a recipe")
+            raise InvalidInputError("the accuracy objective needs training data, evaluation data and a recipe")
         hybrid = self.hybrid(mask)
         torch.manual_seed(self.recipe.seed)
         return finetune(hybrid, self.train, self.evaluation, self.recipe, progress=False)

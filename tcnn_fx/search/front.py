@@ -8,6 +8,7 @@ from pathlib import Path
 
 import optuna
 
+from tcnn_fx.errors import InvalidInputError
 from tcnn_fx.policy import Policy
 
 COLUMNS = ("trial", "accuracy", "latency_ratio", "flop_ratio", "param_ratio", "converted", "groups", "seed_point")
@@ -60,10 +61,10 @@ def export_policy(study: optuna.Study, number: int, path: str | Path) -> Policy:
     """Write the policy of trial ``number`` (a site list that ``rewrite(policy=...)`` replays)."""
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     if number not in trials:
-        raise ValueError(f"study {study.study_name!r} has no trial {number} (it has {len(trials)} trials)")
+        raise InvalidInputError(f"study {study.study_name!r} has no trial {number} (it has {len(trials)} trials)")
     trial = trials[number]
     if "mask" not in trial.user_attrs:
-        raise ValueError(f"trial {number} never sampled a mask (state {trial.state.name.lower()})")
+        raise InvalidInputError(f"trial {number} never sampled a mask (state {trial.state.name.lower()})")
     policy = Policy(select="none", sites=tuple(_row(trial, study.user_attrs["groups"])["sites"]))
     policy.save(path)
     return policy

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from tcnn_fx.errors import InvalidInputError
 from tcnn_fx.passes.shape_prop import FLOPS_KEY
 from tcnn_fx.policy import Policy
 from tcnn_fx.rewrite import SITES_KEY, trace
@@ -48,14 +49,14 @@ class SearchSpace:
     ) -> SearchSpace:
         """The space of ``model``: the sites ``base_policy`` would convert, grouped by site, block or stage."""
         if grouping not in GROUPINGS:
-            raise ValueError(f"grouping must be one of {GROUPINGS}, not {grouping!r}")
+            raise InvalidInputError(f"grouping must be one of {GROUPINGS}, not {grouping!r}")
         graph_module = trace(model, example_inputs)
         sites: list[Site] = graph_module.meta[SITES_KEY]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # an empty selection is reported below, as an error
             chosen = set(Policy(base_policy).plan(sites).names)
         if not chosen:
-            raise ValueError(
+            raise InvalidInputError(
                 f"the search space is empty: base policy {base_policy!r} selects no convertible site "
                 f"(convertible: {[s.name for s in sites if s.convertible][:12]})"
             )
@@ -92,7 +93,9 @@ class SearchSpace:
         for group in self.groups:
             inside = [n in names for n in group.sites]
             if any(inside) and not all(inside):
-                raise ValueError(f"{group.label} is converted in part ({group.sites}); the space converts groups whole")
+                raise InvalidInputError(
+                    f"{group.label} is converted in part ({group.sites}); the space converts groups whole"
+                )
             mask.append(all(inside))
         return tuple(mask)
 
@@ -106,4 +109,4 @@ class SearchSpace:
 
     def _check(self, mask: tuple[bool, ...]) -> None:
         if len(mask) != len(self.groups):
-            raise ValueError(f"a mask of this space has {len(self.groups)} entries, not {len(mask)}")
+            raise InvalidInputError(f"a mask of this space has {len(self.groups)} entries, not {len(mask)}")

@@ -24,6 +24,7 @@ import numpy as np
 import optuna
 from tqdm.auto import tqdm
 
+from tcnn_fx.errors import DivergenceError, InvalidInputError
 from tcnn_fx.search.space import SearchSpace
 
 #: objective name -> direction.  accuracy is measured; the ratios are hybrid / CNN.
@@ -44,7 +45,7 @@ class Constraints:
     def check(self) -> None:
         for name, value in vars(self).items():
             if value is not None and value < 1.0:
-                raise ValueError(
+                raise InvalidInputError(
                     f"{name.replace('_', '-')} {value} cannot be met: no candidate, not even the unconverted CNN "
                     f"(ratio 1.0), is below it"
                 )
@@ -69,9 +70,9 @@ class SearchSettings:
     def __post_init__(self) -> None:
         unknown = [o for o in self.objectives if o not in OBJECTIVES]
         if unknown or not self.objectives:
-            raise ValueError(f"objectives must be among {list(OBJECTIVES)}, got {list(self.objectives)}")
+            raise InvalidInputError(f"objectives must be among {list(OBJECTIVES)}, got {list(self.objectives)}")
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, not {self.sampler!r}")
+            raise InvalidInputError(f"sampler must be one of {SAMPLERS}, not {self.sampler!r}")
         self.constraints.check()
 
 
@@ -90,7 +91,7 @@ def open_storage(storage: str) -> optuna.storages.BaseStorage:
 
         return optuna.storages.JournalStorage(JournalFileBackend(storage))
     except Exception as error:  # an unusable storage, whatever the backend says: fail before any compute
-        raise ValueError(f"cannot open the study storage {storage!r}: {error}") from error
+        raise InvalidInputError(f"cannot open the study storage {storage!r}: {error}") from error
 
 
 def _sampler(settings: SearchSettings) -> optuna.samplers.BaseSampler:
@@ -134,7 +135,7 @@ def load_study(
     stored = _described(study, name, storage)
     different = {k: (stored.get(k), v) for k, v in identity.items() if stored.get(k) != v}
     if different:
-        raise ValueError(f"study {name!r} in {storage} was made for another search: {different} (stored, asked); "
+        raise InvalidInputError(f"study {name!r} in {storage} was made for another search: {different} (stored, asked); "
                          "choose another --study name or storage")  # fmt: skip
     return study
 
@@ -144,7 +145,7 @@ def _described(study: optuna.Study, name: str, storage: str) -> dict:
     deadline = time.monotonic() + STUDY_SETUP_TIMEOUT
     while "groups" not in (attrs := study.user_attrs):
         if time.monotonic() > deadline:
-            raise ValueError(
+            raise InvalidInputError(
                 f"study {name!r} in {storage} exists but was never fully set up (its creating worker stopped "
                 f"within {STUDY_SETUP_TIMEOUT:.0f} s?); delete it or choose another --study name"
             )
@@ -233,7 +234,7 @@ def _measure(evaluate: Evaluator, mask: tuple[bool, ...], name: str, trial: optu
         raise
     if not math.isfinite(value):
         trial.set_user_attr("error", f"{name} is {value}")
-        raise FloatingPointError(f"candidate {_mask_key(mask)}: {name} is {value}")
+        raise DivergenceError(f"candidate {_mask_key(mask)}: {name} is {value}")
     return value
 
 

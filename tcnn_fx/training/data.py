@@ -28,6 +28,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from tcnn_fx.errors import InvalidInputError, MissingFileError
+
 #: ImageNet statistics; the CIFAR-10 ResNets of the shared weights were trained with them too.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,7 +51,7 @@ def extract(archive: str | Path, cache_dir: str | Path | None = None) -> Path:
     """
     archive = Path(archive)
     if not archive.is_file():
-        raise FileNotFoundError(f"dataset archive {archive} does not exist")
+        raise MissingFileError(f"dataset archive {archive} does not exist")
     target = Path(cache_dir or default_cache_dir()) / archive.name.split(".")[0]
     if target.is_dir():
         return target
@@ -63,7 +65,7 @@ def extract(archive: str | Path, cache_dir: str | Path | None = None) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         if target.is_dir():  # another process finished the same extraction first
             return target
-        raise ValueError(f"cannot extract dataset archive {archive}: {error}") from error
+        raise InvalidInputError(f"cannot extract dataset archive {archive}: {error}") from error
     return target
 
 
@@ -71,7 +73,7 @@ def find_splits(root: str | Path) -> tuple[Path, Path]:
     """The train and evaluation split folders under ``root`` (which may hold them one level down)."""
     root = Path(root)
     if not root.exists():
-        raise FileNotFoundError(f"dataset {root} does not exist")
+        raise MissingFileError(f"dataset {root} does not exist")
     if root.is_file():
         root = extract(root)
     candidates = [root, *sorted(p for p in root.iterdir() if p.is_dir())]
@@ -79,7 +81,7 @@ def find_splits(root: str | Path) -> tuple[Path, Path]:
         evaluation = next((folder / s for s in EVAL_SPLITS if (folder / s).is_dir()), None)
         if (folder / "train").is_dir() and evaluation is not None:
             return folder / "train", evaluation
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"dataset {root} has no train/ and val/ (or test/) split folders, each with one folder per class "
         f"(found {sorted(p.name for p in root.iterdir())[:10]})"
     )
@@ -107,15 +109,17 @@ class ImageFolderData(Dataset):
 
         root = Path(root)
         if not root.is_dir():
-            raise FileNotFoundError(f"dataset split {root} does not exist")
+            raise MissingFileError(f"dataset split {root} does not exist")
         try:
             folder = ImageFolder(str(root))
         except (FileNotFoundError, RuntimeError) as error:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"dataset split {root} is not an ImageFolder (one folder per class): {error}"
             ) from error
         if classes is not None and folder.classes != classes:
-            raise ValueError(f"{root} has classes {folder.classes[:10]}, unlike the training split's {classes[:10]}")
+            raise InvalidInputError(
+                f"{root} has classes {folder.classes[:10]}, unlike the training split's {classes[:10]}"
+            )
         self.root, self.classes, self.transform = root, folder.classes, transform
         self.samples: list[tuple[str, int]] = folder.samples
         self.skipped: list[str] = []
@@ -138,7 +142,7 @@ class ImageFolderData(Dataset):
                 stacklevel=3,
             )
         if not samples:
-            raise ValueError(f"{self.root}: no image could be decoded")
+            raise InvalidInputError(f"{self.root}: no image could be decoded")
         self.samples, self._images = samples, images
 
     @property
@@ -153,7 +157,7 @@ class ImageFolderData(Dataset):
         try:
             return _decode(path)
         except OSError as error:
-            raise ValueError(
+            raise InvalidInputError(
                 f"cannot decode image {path}: {error}; remove it or use in_memory=True to skip such files"
             ) from error
 
@@ -173,7 +177,7 @@ def balanced_subset(targets: list[int], per_class: int, seed: int) -> list[int]:
     for label in labels.unique().tolist():
         members = (labels == label).nonzero().flatten()
         if len(members) < per_class:
-            raise ValueError(f"class {label} has {len(members)} images, fewer than the {per_class} asked for")
+            raise InvalidInputError(f"class {label} has {len(members)} images, fewer than the {per_class} asked for")
         chosen += members[torch.randperm(len(members), generator=generator)[:per_class]].tolist()
     return sorted(chosen)
 

@@ -32,7 +32,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from tcnn_fx.errors import DivergenceError, FileConflictError, InvalidInputError, MissingFileError
 from tcnn_fx.files import atomic_write
+from tcnn_fx.modes import evaluating
 from tcnn_fx.training.recipe import Recipe
 
 CHECKPOINT = "last.pt"
@@ -121,10 +123,8 @@ def evaluate_accuracy(
         if processes.world > 1:
             data = torch.utils.data.Subset(data, range(processes.rank, len(data), processes.world))
         data = DataLoader(data, batch_size=batch_size, num_workers=workers)
-    was_training = model.training
-    model.eval()
     correct = loss = count = 0.0
-    with torch.no_grad():
+    with evaluating(model), torch.no_grad():
         for images, labels in tqdm(
             data,
             desc=description,
@@ -136,7 +136,6 @@ def evaluate_accuracy(
             loss += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += (logits.argmax(1) == labels).sum().item()
             count += len(labels)
-    model.train(was_training)
     correct, loss, count = processes.total(correct, loss, count)
     return {
         "val_top1": correct / count,
@@ -173,11 +172,11 @@ def _load_checkpoint(path: Path, model: nn.Module, recipe: Recipe) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unreadable for any reason: say which file
-        raise ValueError(f"cannot read checkpoint {path}: {error}") from error
+        raise InvalidInputError(f"cannot read checkpoint {path}: {error}") from error
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a tcnn_fx fine-tuning checkpoint ({FORMAT})")
+        raise InvalidInputError(f"{path} is not a tcnn_fx fine-tuning checkpoint ({FORMAT})")
     if state["signature"] != model_signature(model):
-        raise ValueError(
+        raise InvalidInputError(
             f"checkpoint {path} was written for another model ({state.get('identity') or 'unnamed'}); "
             f"this model is {type(model).__name__} with a different set of parameters"
         )
@@ -186,7 +185,7 @@ def _load_checkpoint(path: Path, model: nn.Module, recipe: Recipe) -> dict:
         k: (v, getattr(recipe, k)) for k, v in saved.to_dict().items() if v != getattr(recipe, k) and k != "workers"
     }
     if different:
-        raise ValueError(
+        raise InvalidInputError(
             f"checkpoint {path} was made with another recipe: {different} (saved, asked); resume with the saved one"
         )
     return state
@@ -209,19 +208,22 @@ def finetune(
     ``resume=True`` continues from it (same model and recipe, else a clear
     error); without ``resume`` an existing checkpoint is never overwritten.
     ``identity`` (e.g. the model spec and policy) is stored for error messages.
-    A non-finite loss stops the run with ``FloatingPointError``.
+    A non-finite loss stops the run with ``DivergenceError`` (a ``FloatingPointError``).
+    Submodules the caller put in eval mode inside a model in train mode (a
+    frozen batch norm) stay in eval mode throughout; evaluation restores every
+    submodule's mode.
     """
     recipe = recipe or Recipe()
     processes = Processes.from_env()
     run = _Run(Path(out_dir) if out_dir is not None else None, processes.main)
     if run.checkpoint is not None and run.checkpoint.exists() and not resume:
-        raise FileExistsError(
+        raise FileConflictError(
             f"{run.checkpoint} exists: pass resume=True (--resume) to continue it, or choose another output folder"
         )
     if resume and (run.checkpoint is None or not run.checkpoint.exists()):
-        raise FileNotFoundError(f"nothing to resume: no {CHECKPOINT} in {out_dir}")
+        raise MissingFileError(f"nothing to resume: no {CHECKPOINT} in {out_dir}")
     if len(train) < recipe.batch_size * processes.world:
-        raise ValueError(
+        raise InvalidInputError(
             f"the training set has {len(train)} images, fewer than one batch of {recipe.batch_size} per process"
         )
 
@@ -252,6 +254,8 @@ def finetune(
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         history, start = state["history"], state["epoch"] + 1
+    if not model.training:  # a model handed over in eval mode trains whole; a training one keeps frozen parts frozen
+        model.train()
     trained = nn.parallel.DistributedDataParallel(model) if processes.world > 1 else model
 
     def evaluate() -> dict:
@@ -265,7 +269,6 @@ def finetune(
         if sampler is not None:
             sampler.set_epoch(epoch)
         began = time.perf_counter()
-        trained.train()
         loss_sum = correct = seen = 0.0
         bar = tqdm(
             loader,
@@ -280,7 +283,7 @@ def finetune(
                 logits = trained(images)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=recipe.label_smoothing)
             if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"the loss is {loss.item()} at epoch {epoch}, step {step}: training diverged")
+                raise DivergenceError(f"the loss is {loss.item()} at epoch {epoch}, step {step}: training diverged")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if recipe.clip_grad_norm is not None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tcnn_fx.errors import InvalidInputError
 from tcnn_fx.layers import ConvAttention2d
 from tcnn_fx.settings import DictSettings
 
@@ -48,10 +49,10 @@ class Recipe(DictSettings):
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
+            raise InvalidInputError(f"optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+                raise InvalidInputError(f"{name} must be at least 1, not {getattr(self, name)}")
         for name in (
             "lr",
             "weight_decay",
@@ -60,11 +61,11 @@ class Recipe(DictSettings):
             "workers",
         ):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
+                raise InvalidInputError(f"{name} must not be negative, not {getattr(self, name)}")
         if self.attention_lr is not None and self.attention_lr < 0:
-            raise ValueError(f"attention_lr must not be negative, not {self.attention_lr}")
+            raise InvalidInputError(f"attention_lr must not be negative, not {self.attention_lr}")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], not {self.min_lr_ratio}")
+            raise InvalidInputError(f"min_lr_ratio must be in [0, 1], not {self.min_lr_ratio}")
 
     def parameter_groups(self, model: nn.Module) -> list[dict]:
         """Four groups: (CNN | attention) x (decay | no decay); empty groups are left out."""
