@@ -584,8 +584,13 @@ class ConvAttention2d(nn.Module):
         kernel = _inference_kernel(x)
         onednn = kernel is None and _gathers_with_onednn(x)
         if (kernel is not None or onednn) and x.shape[0] > INFERENCE_IMAGES:
-            # A few images at a time (INFERENCE_IMAGES): the gathered taps held at once stay those of a few images.
-            return torch.cat([self(chunk) for chunk in x.split(INFERENCE_IMAGES)])
+            # A few images at a time (INFERENCE_IMAGES): the gathered taps held at once stay those of a few
+            # images.  The chunks run below the module call, so hooks see the call they were given.
+            return torch.cat([self._images(chunk, kernel, onednn) for chunk in x.split(INFERENCE_IMAGES)])
+        return self._images(x, kernel, onednn)
+
+    def _images(self, x: Tensor, kernel, onednn: bool) -> Tensor:
+        """The layer's output on ``x`` by the compiled kernel, the oneDNN gather or the composed operators."""
         if kernel is not None:
             gathered, (out_h, out_w) = self._attend_gather(x, kernel)
         else:
