@@ -10,7 +10,9 @@ Phases (each skips runs already finished, and resumes interrupted ones):
   hybrid (and the CNN) trained from scratch for the whole budget.
 * ``evaluate``: clean and corrupted top-1 of every trained model.
 * ``analyze``: gates and attention distances of every trained hybrid.
-* ``summary``: the tables of docs/results/cifar10.md (``--markdown``) and their numbers (``--json``).
+* ``summary``: the tables of docs/results/cifar10.md (``--markdown``), their numbers (``--json``) and, beside
+  the tables, the attention figures of the seed-0 hybrids.
+* ``figures``: only those attention figures, into ``--figures``.
 
 Runs go ``--jobs`` at a time, the CPU threads shared evenly between them.
 
@@ -26,7 +28,6 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,8 @@ FINETUNE = ["--epochs", "2", "--train-subset", "1000", "--lr", "0.01", "--warmup
 #: Training from scratch: the same data, a from-scratch learning rate; BUDGET epochs in all.
 SCRATCH = ["--train-subset", "1000", "--lr", "0.1", "--warmup-epochs", "0.5"]
 BUDGET = 4
+#: The hybrids' policy: the 8x8 stage, as in the paper (its last stage).
+HYBRID_POLICY = "last"
 SEEDS = {"finetune": (0, 1, 2), "scratch": (0, 1)}
 COMMON = ["--in-memory", "--workers", "0", "--quiet"]
 
@@ -46,7 +49,7 @@ def finetune_runs(shared: Path, out: Path, data: str) -> list[tuple[Path, list[s
     runs = []
     for depth in (20, 56):
         weights = next((shared / "weights").glob(f"resnet{depth}-*.th"))
-        for policy in ("none", "last"):
+        for policy in ("none", HYBRID_POLICY):
             for seed in SEEDS["finetune"]:
                 run = out / "finetune" / f"resnet{depth}-{'cnn' if policy == 'none' else 'hybrid'}-seed{seed}"
                 runs.append((run, ["finetune", f"cifar:resnet{depth}", "--weights", str(weights), "--policy", policy,
@@ -164,6 +167,27 @@ def _attention_results(out: Path) -> dict:
     return results
 
 
+def attention_figures(out: Path, folder: Path) -> list[Path]:
+    """``cifar10_attention_<model>.png`` in ``folder``: the seed-0 hybrid of each model, from its analysis JSON.
+
+    Drawn here rather than copied from ``tcnn-fx analyze --plot`` so that the
+    title names the model and the policy of the run, not where it was saved.
+    """
+    from tcnn_fx import analysis
+
+    figures = []
+    for path in sorted((out / "finetune").glob("*-hybrid-seed0/attention/result.json")):
+        model = path.parent.parent.name.split("-")[0]
+        data = json.loads(path.read_text())
+        rows = [analysis.LayerAttention.from_dict(layer) for layer in data["layers"]]
+        figure = folder / f"cifar10_attention_{model}.png"
+        analysis.plot(
+            rows, figure, model=f"cifar:{model} fine-tuned (seed 0)", policy=HYBRID_POLICY, images=data["images"]
+        )
+        figures.append(figure)
+    return figures
+
+
 def summarize(out: Path, markdown: Path | None, json_path: Path | None) -> str:
     """Markdown tables of every finished run (and their numbers as JSON)."""
     finetune, scratch, attention = _finetune_results(out), _scratch_results(out), _attention_results(out)
@@ -219,8 +243,7 @@ def summarize(out: Path, markdown: Path | None, json_path: Path | None) -> str:
     text = "\n".join(lines) + "\n"
     if markdown:
         markdown.write_text(text)
-        for png in sorted((out / "finetune").glob("*-hybrid-seed0/attention/attention.png")):
-            shutil.copyfile(png, markdown.parent / f"cifar10_attention_{png.parent.parent.name.split('-')[0]}.png")
+        attention_figures(out, markdown.parent)
     if json_path:
         json_path.write_text(
             json.dumps({"finetune": finetune, "scratch": scratch, "attention": attention}, indent=1) + "\n"
@@ -233,10 +256,14 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
     parser.add_argument("--out", type=Path, default=Path("runs/cifar10"))
     parser.add_argument(
-        "--phase", nargs="+", choices=("finetune", "scratch", "evaluate", "analyze", "summary"), required=True
+        "--phase",
+        nargs="+",
+        choices=("finetune", "scratch", "evaluate", "analyze", "summary", "figures"),
+        required=True,
     )
     parser.add_argument("--markdown", type=Path, help="summary: write the tables here")
     parser.add_argument("--json", type=Path, help="summary: write the numbers here")
+    parser.add_argument("--figures", type=Path, default=Path("docs/results"), help="figures: write them here")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = parser.parse_args()
@@ -250,6 +277,8 @@ def main() -> None:
             chains += scratch_runs(args.out, data)
         elif phase == "summary":
             print(summarize(args.out, args.markdown, args.json))
+        elif phase == "figures":
+            print("\n".join(map(str, attention_figures(args.out, args.figures))))
         elif phase == "evaluate":
             chains += [[run] for run in evaluate_runs(args.out, data)]
         else:

@@ -13,7 +13,10 @@ from tcnn_fx.passes.attention_init import (
 )
 from tcnn_fx.passes.conv_stem import ConvStemReport, conv_stem
 from tcnn_fx.policy import Plan, Policy, PolicyError
-from tcnn_fx.rewrite import RewriteReport, report_of, rewrite, trace
+from tcnn_fx.errors import TcnnFxError
+from tcnn_fx.meta import recipe_of, report_of
+from tcnn_fx.recipe import RewriteRecipe, RewriteReport
+from tcnn_fx.rewrite import rewrite, trace
 from tcnn_fx.sites import Site, find_sites, site_graph
 from tcnn_fx.tokens import AttentionSite, find_attention_sites, find_token_grid
 from tcnn_fx.verify import VerifyReport, verify
@@ -33,8 +36,10 @@ __all__ = [
     "Plan",
     "Policy",
     "PolicyError",
+    "RewriteRecipe",
     "RewriteReport",
     "Site",
+    "TcnnFxError",
     "VerifyReport",
     "__version__",
     "capture",
@@ -47,6 +52,7 @@ __all__ = [
     "load",
     "measure_target_mass",
     "mimetic_init",
+    "recipe_of",
     "report_of",
     "rewrite",
     "save",

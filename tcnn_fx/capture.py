@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from tcnn_fx import meta
 from tcnn_fx.errors import InvalidInputError, TcnnFxError, UsageError
 from tcnn_fx.layers import ConvAttention2d, ConvStem
 from tcnn_fx.modes import restored_modes
-from tcnn_fx.stages import DECLARED_KEY, declared_stages
+from tcnn_fx.stages import declared_stages
 
 #: How many submodules may be made leaves before capture gives up.
 MAX_FALLBACKS = 64
@@ -247,8 +248,8 @@ def capture(
         )
     root, graph = train if was_training else eval_
     result = fx.GraphModule(root, graph, type(model).__name__)
-    result.meta["tcnn_fx.capture"] = CaptureInfo(dict(fallbacks), tuple(mode_leaves), difference)
+    result.meta[meta.CAPTURE] = CaptureInfo(dict(fallbacks), tuple(mode_leaves), difference)
     declared = declared_stages(model)
     if declared is not None:
-        result.meta[DECLARED_KEY] = declared
+        result.meta[meta.DECLARED_STAGES] = declared
     return result

@@ -1,30 +1,49 @@
-"""Save and load rewritten models.
+"""Save and load rewritten models without running code from the file.
 
-A checkpoint holds the recipe (base model spec, the rewritten submodule's path
-if only one was, policy, layer config, input shapes, and structural passes
-applied before the rewrite such as a ViT's convolutional stem) and the state dict, nothing executable: loading rebuilds
-the base model, replays those passes and the rewrite and loads the weights
-with ``torch.load(weights_only=True)``.
+A checkpoint is one safetensors file: the hybrid's tensors, and its
+``RewriteRecipe`` as JSON in the file's metadata (``tcnn_fx.recipe``).
+safetensors holds tensors and strings only, so reading a checkpoint never
+unpickles anything.  Loading rebuilds the base model from the recipe's spec,
+replays the structural passes and the rewrite, and copies the tensors in.
+
+Threat model (docs/compiler.md, "Checkpoints"): a checkpoint may come from
+someone else.  ``load`` runs library code the caller has installed
+(torchvision, timm, tcnn_fx) to build the base model it names; it never
+runs a Python file a checkpoint names (a ``path/to/file.py:factory`` spec)
+unless the caller passes the base model itself (``load(path, model=...)``)
+or opts in with ``trust_model_file=True`` (CLI ``--trust-model-file``); even
+then the file must have the SHA-256 the checkpoint recorded.  Checkpoints
+of the earlier format (``torch.save`` of a dict) are read with
+``torch.load(weights_only=True)``, which refuses anything but tensors and
+plain containers.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
 
+import safetensors
+import safetensors.torch
 import torch
-from torch import fx, nn
+from torch import nn
 
-from tcnn_fx.errors import CheckpointError
+from tcnn_fx import meta
+from tcnn_fx.errors import CheckpointError, InvalidInputError, MissingFileError
 from tcnn_fx.files import atomic_write
 from tcnn_fx.layers import ConvAttentionConfig
 from tcnn_fx.policy import Policy
-from tcnn_fx.rewrite import report_of, rewrite
+from tcnn_fx.recipe import RewriteRecipe
+from tcnn_fx.rewrite import rewrite
 
-FORMAT = "tcnn_fx/1"
+FORMAT = "tcnn_fx/2"
+LEGACY_FORMAT = "tcnn_fx/1"
+RECIPE_KEY = "tcnn_fx.recipe"
 
 
 def save(hybrid: nn.Module, path: str | Path, *, num_classes: int | None = None, conv_stem: dict | None = None) -> None:
-    """Write ``hybrid`` (from ``tcnn_fx.rewrite``) to ``path``, atomically.
+    """Write ``hybrid`` (from ``tcnn_fx.rewrite``) to ``path`` as a safetensors checkpoint, atomically.
 
     ``num_classes``: the base model's head was replaced by one with that many
     outputs before the rewrite (``specs.replace_head``); loading does the same.
@@ -32,69 +51,135 @@ def save(hybrid: nn.Module, path: str | Path, *, num_classes: int | None = None,
     keyword arguments (``widths``, ``remove_block``); loading replays it.
     Initialisation passes need no record: the weights are saved.
     """
-    report = report_of(hybrid)
-    if report.policy is None:
+    recipe = meta.recipe_of(hybrid)
+    if recipe.policy is None:
         raise CheckpointError("the model was rewritten with a Python predicate policy, which cannot be saved")
-    payload = {
-        "format": FORMAT,
-        "spec": report.spec,
-        "policy": report.policy,
-        "config": report.config,
-        "input_shape": list(report.input_shape),
-        "input_shapes": [list(shape) for shape in report.input_shapes],
-        "module": report.module,
-        "fold_norm": report.fold_norm,
-        "num_classes": num_classes,
-        "conv_stem": conv_stem,
-        "state_dict": hybrid.state_dict(),
-    }
+    recipe = recipe.replace(num_classes=num_classes, conv_stem=conv_stem)
+    metadata = {"format": FORMAT, RECIPE_KEY: json.dumps(recipe.to_dict())}
     with atomic_write(path) as temporary:
-        torch.save(payload, temporary)
+        safetensors.torch.save_model(hybrid, temporary, metadata=metadata)
 
 
-def _read(path: str | Path) -> dict:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a tcnn_fx checkpoint (format {FORMAT})")
-    return payload
+def read_recipe(path: str | Path) -> RewriteRecipe:
+    """The recipe of a checkpoint (either format), read without building anything."""
+    return _open(path)[0]
 
 
-def input_shape(path: str | Path) -> tuple[int, ...]:
-    """The example input shape a saved hybrid was rewritten with."""
-    return tuple(_read(path)["input_shape"])
+def _open(path: str | Path) -> tuple[RewriteRecipe, dict | None]:
+    """The recipe, and the legacy format's state dict (``None`` for safetensors: read at load)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"checkpoint {path} does not exist")
+    with path.open("rb") as handle:
+        head = handle.read(9)
+    if head[:4] == b"PK\x03\x04":
+        return _open_legacy(path)
+    if len(head) == 9 and head[8:9] == b"{":
+        try:
+            with safetensors.safe_open(str(path), "pt") as file:
+                metadata = file.metadata() or {}
+        except Exception as error:
+            raise CheckpointError(f"{path} is damaged or not a safetensors file ({error})") from error
+        if metadata.get("format") != FORMAT or RECIPE_KEY not in metadata:
+            raise CheckpointError(f"{path} is a safetensors file but not a tcnn_fx checkpoint (format {FORMAT})")
+        try:
+            return RewriteRecipe.from_dict(json.loads(metadata[RECIPE_KEY])), None
+        except (json.JSONDecodeError, InvalidInputError) as error:
+            raise CheckpointError(f"{path}: its recipe cannot be read ({error})") from error
+    raise CheckpointError(f"{path} is not a tcnn_fx checkpoint (a safetensors file written by tcnn_fx.save)")
 
 
-def load(path: str | Path, model: nn.Module | None = None) -> fx.GraphModule:
-    """Rebuild a saved hybrid; ``model`` is the base model when the checkpoint records no spec."""
-    from tcnn_fx.specs import build, replace_head
+def _open_legacy(path: Path) -> tuple[RewriteRecipe, dict]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(error).__name__}: {error})") from error
+    if not isinstance(payload, dict) or payload.get("format") != LEGACY_FORMAT:
+        raise CheckpointError(f"{path} is not a tcnn_fx checkpoint (formats {FORMAT}, {LEGACY_FORMAT})")
+    recipe = RewriteRecipe(
+        spec=payload["spec"], module=payload.get("module"), policy=payload["policy"], config=payload["config"],
+        fold_norm=payload["fold_norm"], num_classes=payload.get("num_classes"), conv_stem=payload.get("conv_stem"),
+        input_shapes=tuple(tuple(s) for s in payload.get("input_shapes") or [payload["input_shape"]]),
+    )  # fmt: skip
+    return recipe, payload["state_dict"]
 
-    payload = _read(path)
+
+def load(path: str | Path, model: nn.Module | None = None, *, trust_model_file: bool = False) -> nn.Module:
+    """Rebuild a saved hybrid.
+
+    ``model`` is the base model (as it was before the rewrite); without it
+    the base model is built from the checkpoint's spec.  A spec naming a
+    Python file is only run with ``trust_model_file=True``, and only if the
+    file's SHA-256 is the one recorded.  ``model`` itself is not changed.
+    """
+    from tcnn_fx.specs import build, file_digest, is_file_spec, replace_head
+
+    recipe, legacy_state = _open(path)
     if model is None:
-        if not payload["spec"]:
+        if not recipe.spec:
             raise CheckpointError(f"{path} records no model spec: pass the base model, load(path, model=...)")
-        model = build(payload["spec"])
-    if payload.get("num_classes") is not None:
-        replace_head(model, payload["num_classes"])
-    inputs = tuple(torch.zeros(shape) for shape in payload.get("input_shapes") or [payload["input_shape"]])
-    module = payload.get("module")
-    if payload.get("conv_stem") is not None:
+        if is_file_spec(recipe.spec):
+            _check_trusted_file(path, recipe, trust_model_file, file_digest(recipe.spec))
+        model = build(recipe.spec)
+    else:
+        model = copy.deepcopy(model)
+    if recipe.num_classes is not None:
+        replace_head(model, recipe.num_classes)
+    dtype = getattr(torch, recipe.input_dtype, torch.float32)
+    inputs = tuple(torch.zeros(shape, dtype=dtype) for shape in recipe.input_shapes)
+    if recipe.conv_stem is not None:
         from tcnn_fx.passes.conv_stem import conv_stem
 
-        model, _ = conv_stem(model, inputs, inplace=True, **payload["conv_stem"])
-    if payload["fold_norm"]:
+        model, _ = conv_stem(model, inputs, inplace=True, **recipe.conv_stem)
+    if recipe.fold_norm:
         model.eval()  # batch norms were folded in eval mode
-    hybrid = rewrite(
-        model,
-        Policy.from_dict(payload["policy"]),
-        None if module else inputs,
-        module=module,
-        module_inputs=inputs if module else None,
-        config=ConvAttentionConfig.from_dict(payload["config"]),
-        fold_norm=payload["fold_norm"],
-        spec=payload["spec"],
-    )
+    if dtype.is_floating_point:
+        model.to(dtype)
     try:
-        hybrid.load_state_dict(payload["state_dict"])
-    except RuntimeError as error:
-        raise CheckpointError(f"{path} does not match the rebuilt model: {error}") from error
+        hybrid = rewrite(
+            model,
+            Policy.from_dict(recipe.policy),
+            None if recipe.module else inputs,
+            module=recipe.module,
+            module_inputs=inputs if recipe.module else None,
+            config=ConvAttentionConfig.from_dict(recipe.config),
+            fold_norm=recipe.fold_norm,
+            leaf_modules=recipe.leaf_modules(model),
+            spec=recipe.spec,
+        )
+    except InvalidInputError as error:
+        raise CheckpointError(f"{path} does not fit the base model: {error}") from error
+    _load_tensors(hybrid, path, legacy_state)
     return hybrid
+
+
+def _check_trusted_file(path, recipe: RewriteRecipe, trusted: bool, digest: str | None) -> None:
+    source = recipe.spec.rpartition(":")[0]
+    if not trusted:
+        raise CheckpointError(
+            f"{path} names the Python file {source} as its base model; loading would run that file. "
+            f"Pass the base model yourself (load(path, model=...)), or if you trust {source}, "
+            "load(path, trust_model_file=True) (CLI: --trust-model-file)"
+        )
+    if digest is None:
+        raise MissingFileError(f"{path} names the model file {source}, which does not exist here")
+    if recipe.spec_sha256 is not None and digest != recipe.spec_sha256:
+        raise CheckpointError(
+            f"{source} has changed since {path} was saved (SHA-256 {digest[:12]}..., recorded "
+            f"{recipe.spec_sha256[:12]}...); pass the base model yourself: load(path, model=...)"
+        )
+
+
+def _load_tensors(hybrid: nn.Module, path, legacy_state: dict | None) -> None:
+    try:
+        if legacy_state is not None:
+            hybrid.load_state_dict(legacy_state)
+        else:
+            missing, unexpected = safetensors.torch.load_model(hybrid, str(path), strict=False)
+            if missing or unexpected:
+                raise CheckpointError(
+                    f"{path} does not match the rebuilt model: missing {sorted(missing)[:8]}, "
+                    f"unexpected {sorted(unexpected)[:8]}"
+                )
+    except (RuntimeError, safetensors.SafetensorError) as error:
+        raise CheckpointError(f"{path} does not match the rebuilt model: {error}") from error

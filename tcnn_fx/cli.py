@@ -29,10 +29,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from tcnn_fx import checkpoint, specs
+from tcnn_fx import checkpoint, meta, specs
 from tcnn_fx.errors import InvalidInputError, MissingDependencyError, MissingFileError, TcnnFxError
 from tcnn_fx.policy import Policy
-from tcnn_fx.rewrite import SITES_KEY, report_of, rewrite, trace
+from tcnn_fx.meta import report_of
+from tcnn_fx.rewrite import rewrite, trace
 from tcnn_fx.robustness.corruptions import CORRUPTIONS
 from tcnn_fx.sites import site_graph
 from tcnn_fx.stages import module_span, stage_table
@@ -45,12 +46,12 @@ console = Console(width=None if sys.stdout.isatty() else 200)
 
 def _input_size(args) -> int:
     if _is_checkpoint(args.model):
-        return args.input_size or checkpoint.input_shape(args.model)[-1]
+        return args.input_size or checkpoint.read_recipe(args.model).input_shape[-1]
     return args.input_size or specs.default_input_size(args.model)
 
 
 def _is_checkpoint(model: str) -> bool:
-    return model.endswith(".pt") and Path(model).is_file()
+    return model.endswith((".pt", ".safetensors")) and Path(model).is_file()
 
 
 def _model_and_inputs(args) -> tuple[torch.nn.Module, tuple]:
@@ -77,7 +78,7 @@ def sites_command(args) -> None:
         model = resolve(model, args.module)
     with console.status("tracing and propagating shapes"):
         graph_module = trace(model, inputs)
-    sites = graph_module.meta[SITES_KEY]
+    sites = graph_module.meta[meta.SITES]
     where = f"{args.model} '{args.module}'" if args.module else args.model
     size = "x".join(map(str, inputs[0].shape[-2:]))
     stages = Table(title=f"{where} at {size}: stages")
@@ -101,7 +102,7 @@ def sites_command(args) -> None:
             f"{s.in_channels}->{s.out_channels}", _gflops(s.conv_flops), _gflops(s.attention_flops), status,
         )  # fmt: skip
     console.print(table)
-    leaves = graph_module.meta["tcnn_fx.capture"].fallback_leaves
+    leaves = graph_module.meta[meta.CAPTURE].fallback_leaves
     for name, reason in leaves.items():
         console.print(f"[yellow]kept whole (untraceable):[/] {name}: {reason}")
     if args.json:

@@ -7,7 +7,7 @@ EfficientNets).  Its convolutions are not graph nodes, but they are still
 modules that its code calls: replacing such a module object by an attention
 layer that computes the same function keeps the submodule's own code, and so
 the model, exact.  These sites are found from the calls that shape
-propagation recorded inside those submodules (``INNER_CALLS_KEY``), and they
+propagation recorded inside those submodules (``meta.INNER_CALLS``), and they
 are offered where that replacement is exact:
 
 * the convolution is called once, and its weight is not shared;
@@ -24,15 +24,18 @@ Everything here is analysis.  Needs ``propagate_shapes(..., look_inside=...)``.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import asdict
 
 import torch
 from torch import fx, nn
 
+from tcnn_fx import meta
 from tcnn_fx.capture import capture
-from tcnn_fx.layers import ConvAttention2d, ConvAttentionConfig, ConvGeometry
+from tcnn_fx.cost import convertible_site_cost, measured_conv_cost
+from tcnn_fx.layers import ConvAttentionConfig, ConvGeometry
 from tcnn_fx.layers.conv_attention import conv2d_mismatch
-from tcnn_fx.passes.shape_prop import INNER_CALLS_KEY, InnerCall, propagate_shapes, spatial_size
-from tcnn_fx.sites import BLOCK_KEY, STAGE_KEY, Site, find_sites, reduction_level
+from tcnn_fx.passes.shape_prop import InnerCall, propagate_shapes, spatial_size
+from tcnn_fx.sites import Site, find_sites, reduction_level
 
 #: ``Site.kind`` of a convolution inside a module kept whole.
 INNER = "inner"
@@ -44,7 +47,7 @@ def find_leaf_sites(graph_module: fx.GraphModule, config: ConvAttentionConfig | 
     They take the stage and block of the node that calls their module.
     Needs ``find_sites`` to have run (it writes those into ``node.meta``).
     """
-    calls: dict[str, list[InnerCall]] = graph_module.meta.get(INNER_CALLS_KEY, {})
+    calls: dict[str, list[InnerCall]] = graph_module.meta.get(meta.INNER_CALLS, {})
     if not calls:
         return []
     config = config or ConvAttentionConfig()
@@ -62,21 +65,22 @@ def find_leaf_sites(graph_module: fx.GraphModule, config: ConvAttentionConfig | 
         if reason is None and any(owners[id(p)] > 1 for p in conv.parameters(recurse=False)):
             reason = "its weight is shared with another module"
         input_size, output_size = tuple(recorded[0].input.shape[-2:]), tuple(recorded[0].output.shape[-2:])
-        attention_flops, attention_params = (0, 0)
         if reason is None:
-            attention_flops, attention_params = ConvAttention2d.cost(
-                geometry, conv.in_channels, conv.out_channels, *input_size, bias=conv.bias is not None, config=config
+            cost = convertible_site_cost(
+                geometry, conv.in_channels, conv.out_channels, input_size, bias=conv.bias is not None, config=config
             )
-        conv_flops = 2 * output_size[0] * output_size[1] * conv.weight[0].numel() * conv.out_channels
+        else:
+            cost = measured_conv_cost(
+                conv.in_channels, conv.out_channels, conv.groups, conv.weight[0, 0].numel(), output_size,
+                bias=conv.bias is not None,
+            )  # fmt: skip
         found.append(
             Site(
                 name=name, node=node.name, kind=INNER, geometry=geometry, in_channels=conv.in_channels,
                 out_channels=conv.out_channels, bias=conv.bias is not None, input_size=input_size,
                 output_size=output_size, level=reduction_level(network_input, output_size),
-                stage=node.meta.get(STAGE_KEY, 0), block=node.meta[BLOCK_KEY],
-                stem=False, conv_flops=conv_flops, attention_flops=attention_flops,
-                conv_params=sum(p.numel() for p in conv.parameters(recurse=False)),
-                attention_params=attention_params, convertible=reason is None,
+                stage=node.meta.get(meta.STAGE, 0), block=node.meta[meta.BLOCK],
+                stem=False, **asdict(cost), convertible=reason is None,
                 reason=None if reason is None else f"inside '{leaf}' (kept whole by capture): {reason}",
             )
         )  # fmt: skip

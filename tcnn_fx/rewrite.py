@@ -1,71 +1,36 @@
-"""``tcnn_fx.rewrite``: capture, find sites, apply a policy, convert, report.
+"""``tcnn_fx.rewrite``: capture, find sites, apply a policy, convert, record.
 
 Data flows one way: capture -> shapes -> sites -> policy plan -> convert ->
 (verify).  The user's model is copied first and never touched; any failure
-raises before anything is returned, so no half-rewritten model escapes.
+raises before anything is returned, so no half-rewritten model escapes.  The
+rewritten graph carries its ``RewriteRecipe`` (how to replay it) and its
+``RewriteReport`` (what was done) in ``meta`` (``tcnn_fx.meta``).
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
+from tcnn_fx import meta
 from tcnn_fx.capture import capture
-from tcnn_fx.errors import InvalidInputError, UsageError, VerificationError
+from tcnn_fx.cost import ModelCost
+from tcnn_fx.errors import UsageError, VerificationError
 from tcnn_fx.layers import ConvAttentionConfig
 from tcnn_fx.leaf_sites import INNER, find_leaf_sites
 from tcnn_fx.passes.conv_to_attention import Conversion, convert_sites
-from tcnn_fx.passes.shape_prop import FLOPS_KEY, propagate_shapes
+from tcnn_fx.passes.shape_prop import propagate_shapes
 from tcnn_fx.policy import Policy
+from tcnn_fx.recipe import RewriteRecipe, RewriteReport, split_leaf_modules
 from tcnn_fx.sites import Site, find_sites
+from tcnn_fx.specs import file_digest
 from tcnn_fx.submodule import recorded_inputs, resolve
+from tcnn_fx.verify import verify as verify_models
 
-REPORT_KEY = "tcnn_fx.report"
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
-
-
-@dataclass(frozen=True)
-class RewriteReport:
-    """What ``rewrite`` did: converted sites, skipped sites with reasons, and the cost ratios (hybrid / CNN)."""
-
-    converted: tuple[str, ...]
-    skipped: dict[str, str]
-    flops: int
-    hybrid_flops: int
-    params: int
-    hybrid_params: int
-    input_shape: tuple[int, ...]
-    policy: dict | None
-    config: dict
-    spec: str | None = None
-    fold_norm: bool = False
-    site_nodes: dict[str, tuple[str, str]] = field(default_factory=dict)
-    folded_norms: dict[str, str] = field(default_factory=dict)
-    notes: tuple[str, ...] = ()
-    capture: dict = field(default_factory=dict)
-    module: str | None = None
-    input_shapes: tuple[tuple[int, ...], ...] = ()
-
-    @property
-    def flop_ratio(self) -> float:
-        return self.hybrid_flops / self.flops
-
-    @property
-    def param_ratio(self) -> float:
-        return self.hybrid_params / self.params
-
-    def summary(self) -> str:
-        return (
-            f"converted {len(self.converted)} sites, skipped {len(self.skipped)}; "
-            f"FLOP ratio {self.flop_ratio:.3f}, parameter ratio {self.param_ratio:.3f}"
-        )
-
-
-SITES_KEY = "tcnn_fx.sites"
 
 
 def trace(
@@ -77,19 +42,24 @@ def trace(
     convolution node ``meta['tcnn_fx.site']`` (its ``Site``: resolution,
     stage, cost ...); the graph module ``meta['tcnn_fx.sites']`` (all sites in
     graph order, then those inside modules capture kept whole, of kind
-    ``'inner'``) and ``meta['tcnn_fx.capture']`` (modules kept whole and why).
-    The graph module shares ``model``'s submodules: copy the model first to
-    change it independently.
+    ``'inner'``), ``meta['tcnn_fx.cost']`` (the model's ``ModelCost``) and
+    ``meta['tcnn_fx.capture']`` (modules kept whole and why); see
+    ``tcnn_fx.meta``.  The graph module shares ``model``'s submodules: copy
+    the model first to change it independently.
     """
     graph_module = capture(model, example_inputs, leaf_modules=leaf_modules)
-    info = graph_module.meta["tcnn_fx.capture"]
+    info = meta.capture_info(graph_module)
     propagate_shapes(graph_module, example_inputs, look_inside=(*info.fallback_leaves, *info.mode_leaves))
     sites = find_sites(graph_module, config)
     nodes = {n.name: n for n in graph_module.graph.nodes}
     for site in sites:
-        nodes[site.node].meta["tcnn_fx.site"] = site
+        nodes[site.node].meta[meta.SITE] = site
     sites += find_leaf_sites(graph_module, config)
-    graph_module.meta[SITES_KEY] = sites
+    graph_module.meta[meta.SITES] = sites
+    batch = example_inputs[0].shape[0] if example_inputs[0].dim() else 1
+    graph_module.meta[meta.COST] = ModelCost(
+        flops=graph_module.meta[meta.FLOPS] // max(batch, 1), params=sum(p.numel() for p in graph_module.parameters())
+    )
     return graph_module
 
 
@@ -121,16 +91,18 @@ def rewrite(
     ``example_inputs`` fixes the input shape the sites are analysed at
     (default: one 224x224 RGB image); ``layer_options`` are
     ``ConvAttentionConfig`` fields (or pass ``config``).  ``fold_norm`` folds
-    eval-mode batch norms into the layers.  With ``verify`` the result is
-    checked against ``model`` (``tcnn_fx.verify``) and a mismatch raises.
+    eval-mode batch norms into the layers.  ``leaf_modules`` (module classes
+    or qualified names) are kept whole by capture, as in ``tcnn_fx.capture``.
+    With ``verify`` the result is checked against ``model``
+    (``tcnn_fx.verify``) and a mismatch raises ``VerificationError``.
     ``spec`` records how to rebuild the base model (``'torchvision:resnet50'``).
 
     ``module`` (a dotted path such as ``'backbone.body'``) rewrites only that
     submodule and returns a copy of the whole model with it replaced; its
     inputs are recorded by running the model on ``example_inputs``, or given
     as ``module_inputs``.  Without ``module`` the result is the rewritten
-    ``GraphModule`` itself.  The ``RewriteReport`` is in the rewritten
-    graph's ``meta['tcnn_fx.report']``; ``tcnn_fx.report_of(result)`` finds it.
+    ``GraphModule`` itself.  ``tcnn_fx.report_of(result)`` is the
+    ``RewriteReport``, ``tcnn_fx.recipe_of(result)`` the ``RewriteRecipe``.
     """
     if config is not None and layer_options:
         raise UsageError(f"pass either config or layer options {sorted(layer_options)}, not both")
@@ -138,22 +110,25 @@ def rewrite(
     policy = Policy.coerce(policy)
     if module_inputs is not None and module is None:
         raise UsageError("module_inputs are the inputs of the submodule named by module=; pass module too")
+    leaf_modules = list(leaf_modules)
+    leaf_names, leaf_types = split_leaf_modules(leaf_modules)
+    recipe = RewriteRecipe(
+        spec=spec, spec_sha256=file_digest(spec) if spec else None, module=module,
+        policy=None if policy.where is not None else policy.to_dict(), config=config.to_dict(),
+        leaf_names=leaf_names, leaf_types=leaf_types, fold_norm=fold_norm,
+    )  # fmt: skip
     work = copy.deepcopy(model)
     if module is None:
         example_inputs = default_inputs(model, example_inputs)
-        result = _rewrite_copy(work, policy, example_inputs, config, fold_norm, leaf_modules, spec, None)
+        result = _rewrite_copy(work, policy, example_inputs, config, leaf_modules, recipe)
     else:
         target = resolve(work, module)
         if module_inputs is None:
             module_inputs = recorded_inputs(work, module, default_inputs(model, example_inputs))
-        graph_module = _rewrite_copy(
-            target, policy, tuple(module_inputs), config, fold_norm, leaf_modules, spec, module
-        )
+        graph_module = _rewrite_copy(target, policy, tuple(module_inputs), config, leaf_modules, recipe)
         work.set_submodule(module, graph_module)
         result = work
     if verify:
-        from tcnn_fx.verify import verify as verify_models
-
         checked = verify_models(model, result, example_inputs, module_inputs=module_inputs)
         if not checked.passed:
             raise VerificationError(f"the rewritten model does not match the original:\n{checked.table()}")
@@ -165,41 +140,35 @@ def _rewrite_copy(
     policy: Policy,
     example_inputs: tuple,
     config: ConvAttentionConfig,
-    fold_norm: bool,
-    leaf_modules: Iterable[type | str],
-    spec: str | None,
-    module: str | None,
+    leaf_modules: list[type | str],
+    recipe: RewriteRecipe,
 ) -> fx.GraphModule:
-    """Capture ``work`` (a copy the caller owns), convert the planned sites and attach the report."""
+    """Capture ``work`` (a copy the caller owns), convert the planned sites and attach recipe and report."""
     graph_module = trace(work, example_inputs, config=config, leaf_modules=leaf_modules)
     graph_module.training = work.training  # submodules keep their own modes; new layers follow the model's
-    sites = graph_module.meta[SITES_KEY]
-    plan = policy.plan(sites)
-    flops = graph_module.meta[FLOPS_KEY]
-    params = sum(p.numel() for p in graph_module.parameters())
-    conversions = convert_sites(graph_module, plan, config, fold_norm=fold_norm)
-    batch = example_inputs[0].shape[0]
+    sites = meta.sites(graph_module)
+    cost = meta.model_cost(graph_module)
+    plan = policy.plan(sites, cost)
+    conversions = convert_sites(graph_module, plan, config, fold_norm=recipe.fold_norm)
     by_name = {site.name: site for site in sites}
-    extra = sum(by_name[c.site].attention_flops - by_name[c.site].conv_flops for c in conversions) * batch
-    capture_info = graph_module.meta.get("tcnn_fx.capture")
-    graph_module.meta[REPORT_KEY] = RewriteReport(
+    converted = [by_name[c.site] for c in conversions]
+    hybrid_cost = cost.hybrid(converted)
+    recipe = recipe.replace(
+        input_shapes=tuple(tuple(x.shape) for x in example_inputs), input_dtype=str(example_inputs[0].dtype)[6:]
+    )
+    graph_module.meta[meta.RECIPE] = recipe
+    graph_module.meta[meta.COMPARED_NODES] = {c.site: _compared_nodes(by_name[c.site], c) for c in conversions}
+    graph_module.meta[meta.REPORT] = RewriteReport(
         converted=tuple(c.site for c in conversions),
         skipped=plan.skipped,
-        flops=flops,
-        hybrid_flops=flops + extra,
-        params=params,
+        flops=cost.flops,
+        hybrid_flops=hybrid_cost.flops,
+        params=cost.params,
         hybrid_params=sum(p.numel() for p in graph_module.parameters()),
-        input_shape=tuple(example_inputs[0].shape),
-        policy=None if policy.where is not None else policy.to_dict(),
-        config=config.to_dict(),
-        spec=spec,
-        fold_norm=fold_norm,
-        site_nodes={c.site: _compared_nodes(by_name[c.site], c) for c in conversions},
+        recipe=recipe,
         folded_norms=_folded(conversions),
         notes=tuple(c.note for c in conversions if c.note),
-        capture=dict(capture_info.fallback_leaves) if capture_info else {},
-        module=module,
-        input_shapes=tuple(tuple(x.shape) for x in example_inputs),
+        capture=dict(meta.capture_info(graph_module).fallback_leaves),
     )
     return graph_module
 
@@ -217,29 +186,3 @@ def _compared_nodes(site: Site, conversion: Conversion) -> tuple[str, str]:
 
 def _folded(conversions: list[Conversion]) -> dict[str, str]:
     return {c.site: c.folded_norm for c in conversions if c.folded_norm}
-
-
-def located_report(hybrid: nn.Module) -> tuple[str, RewriteReport]:
-    """Where in ``hybrid`` its ``RewriteReport`` is (``''``: ``hybrid`` itself is the rewritten graph), and the report."""
-    report = getattr(hybrid, "meta", {}).get(REPORT_KEY) if isinstance(hybrid, fx.GraphModule) else None
-    if report is not None:
-        return "", report
-    found = [
-        (name, module.meta[REPORT_KEY])
-        for name, module in hybrid.named_modules()
-        if isinstance(module, fx.GraphModule) and REPORT_KEY in module.meta
-    ]
-    if not found:
-        raise InvalidInputError(f"{type(hybrid).__name__} was not produced by tcnn_fx.rewrite (no report attached)")
-    if len(found) > 1:
-        names = [name for name, _ in found]
-        raise InvalidInputError(
-            f"{type(hybrid).__name__} holds {len(found)} rewritten submodules {names}; "
-            "ask for one: report_of(model.get_submodule(name))"
-        )
-    return found[0]
-
-
-def report_of(hybrid: nn.Module) -> RewriteReport:
-    """The ``RewriteReport`` of a model ``rewrite`` returned (or of the one rewritten submodule it holds)."""
-    return located_report(hybrid)[1]

@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from tcnn_fx import meta
+from tcnn_fx.cost import convertible_site_cost, measured_conv_cost
 from tcnn_fx.errors import InvalidInputError
-from tcnn_fx.layers import ConvAttention2d, ConvAttentionConfig, ConvGeometry
+from tcnn_fx.layers import ConvAttentionConfig, ConvGeometry
 from tcnn_fx.layers.conv_attention import conv2d_mismatch
 from tcnn_fx.passes.shape_prop import spatial_size
 from tcnn_fx.stages import assign_stages, blocks
@@ -52,8 +54,6 @@ CONV_FUNCTIONS: set = {F.conv2d, torch.conv2d}
 
 
 #: ``node.meta`` keys ``find_sites`` writes: the node's stage (nodes computed from the input) and block.
-STAGE_KEY = "tcnn_fx.stage"
-BLOCK_KEY = "tcnn_fx.block"
 
 
 def register_norm(cls: type) -> type:
@@ -360,36 +360,33 @@ def find_sites(graph_module: fx.GraphModule, config: ConvAttentionConfig | None 
     block_of = blocks(graph)
     for node in graph.nodes:
         if node.name in stage_of:
-            node.meta[STAGE_KEY] = stage_of[node.name]
-        node.meta[BLOCK_KEY] = block_of[node.name]
+            node.meta[meta.STAGE] = stage_of[node.name]
+        node.meta[meta.BLOCK] = block_of[node.name]
     sites = []
     for facts in raw:
         geometry, size = facts["geometry"], facts["input_size"]
-        conv_params = facts["out_channels"] * (facts["in_channels"] // geometry.groups) * geometry.num_taps
         reason = facts.pop("reason")
         facts.pop("owner")
         try:
-            conv_flops = geometry.conv_flops(facts["in_channels"], facts["out_channels"], *size)
-            attention_flops, attention_params = ConvAttention2d.cost(
-                geometry, facts["in_channels"], facts["out_channels"], *size, bias=facts["bias"], config=config
+            cost = convertible_site_cost(
+                geometry, facts["in_channels"], facts["out_channels"], size, bias=facts["bias"], config=config
             )
         except ValueError:
             if reason is None:
                 raise
             # A module whose forward pads on its own (its geometry alone does not fit its input): it computes
             # something else than its geometry says, is not convertible, and costs what its output says.
-            out_h, out_w = facts["output_size"]
-            conv_flops, attention_flops, attention_params = 2 * out_h * out_w * conv_params, 0, 0
+            cost = measured_conv_cost(
+                facts["in_channels"], facts["out_channels"], geometry.groups, geometry.num_taps,
+                facts["output_size"], bias=facts["bias"],
+            )  # fmt: skip
         sites.append(
             Site(
                 **facts,
                 stage=stage_of[facts["node"]],
                 block=block_of[facts["node"]],
                 stem=facts["node"] in stem,
-                conv_flops=conv_flops,
-                attention_flops=attention_flops,
-                conv_params=conv_params + (facts["out_channels"] if facts["bias"] else 0),
-                attention_params=attention_params,
+                **asdict(cost),
                 convertible=reason is None,
                 reason=reason,
             )

@@ -8,6 +8,7 @@ detection and segmentation models with a random backbone too), and
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
 import re
@@ -31,6 +32,19 @@ def parse(spec: str) -> tuple[str, str]:
             "or path/to/file.py:factory"
         )
     return source, name
+
+
+def is_file_spec(spec: str) -> bool:
+    """Whether ``spec`` names a Python file (``path/to/file.py:factory``): building it runs that file."""
+    return parse(spec)[0].endswith(".py")
+
+
+def file_digest(spec: str) -> str | None:
+    """The SHA-256 of the Python file a file spec names (``None`` for library specs or a missing file)."""
+    path = Path(parse(spec)[0])
+    if not is_file_spec(spec) or not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def default_input_size(spec: str) -> int:

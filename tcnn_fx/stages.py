@@ -52,6 +52,7 @@ import networkx as nx
 import torch
 from torch import fx
 
+from tcnn_fx import meta
 from tcnn_fx.errors import InvalidInputError
 from tcnn_fx.layers import ConvGeometry
 from tcnn_fx.passes.shape_prop import spatial_size
@@ -319,7 +320,6 @@ def _dilation_gains(
 
 
 #: Where ``capture`` records the stages a model declares (module paths, in order): ``graph_module.meta[...]``.
-DECLARED_KEY = "tcnn_fx.declared_stages"
 
 
 def declared_stages(model) -> tuple[str, ...] | None:
@@ -347,7 +347,7 @@ def assign_stages(
     ``convolutions`` maps each convolution node name to its geometry (the
     convolutions the sites found); ``opaque`` names the nodes of modules kept
     whole that hold convolutions.  The model's declared stages
-    (``meta[DECLARED_KEY]``), where capture found a consistent declaration,
+    (``meta[meta.DECLARED_STAGES]``), where capture found a consistent declaration,
     decide which block belongs to which stage; otherwise the structure does.
     Needs ``propagate_shapes`` to have run.
     """
@@ -361,7 +361,7 @@ def assign_stages(
     expansions = dataflow.expansions(depths, convolutions)
     stem = set(stem_nodes(graph, depths, set(convolutions), set(expansions), opaque))
     block_of = blocks(graph)
-    declared = _declared(graph, graph_module.meta.get(DECLARED_KEY), depths, stem, block_of)
+    declared = _declared(graph, graph_module.meta.get(meta.DECLARED_STAGES), depths, stem, block_of)
     if declared is not None:
         return declared
     depths = _dilation_gains(graph, depths, block_of, stem)

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from tcnn_fx import meta
 from tcnn_fx.capture import capture
 from tcnn_fx.errors import InvalidInputError, UsageError
 from tcnn_fx.leaf_sites import INNER
 from tcnn_fx.modes import evaluating
-from tcnn_fx.rewrite import located_report
 from tcnn_fx.submodule import recorded_inputs, resolve
 
 DEFAULT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -129,7 +129,8 @@ def verify(
     (or on ``module_inputs``): a detector's post-processing (NMS) is not
     part of the check.
     """
-    path, report = located_report(rewritten)
+    path, graph = meta.rewritten_graph(rewritten)
+    recipe, compared = meta.recipe(graph), meta.compared_nodes(graph)
     if path:
         if module_inputs is None:
             if example_inputs is None:
@@ -140,11 +141,11 @@ def verify(
         raise UsageError("verify needs example_inputs")
     dtype = example_inputs[0].dtype
     rtol = DEFAULT_RTOL.get(dtype, 1e-5) if rtol is None else rtol
-    wanted = {name for pair in report.site_nodes.values() for name in pair}
-    inner = [name for name, pair in report.site_nodes.items() if pair == (INNER, INNER)]
+    wanted = {name for pair in compared.values() for name in pair}
+    inner = [name for name, pair in compared.items() if pair == (INNER, INNER)]
     with evaluating(original, rewritten), torch.no_grad():
-        graph = capture(original, example_inputs)
-        recorder = _Recorder(graph, wanted)
+        # The graph rewrite saw: captured with the recipe's leaf modules, so its node names match.
+        recorder = _Recorder(capture(original, example_inputs, leaf_modules=recipe.leaf_modules(original)), wanted)
         with _recorded_modules(original, inner) as inner_values:
             expected = _flatten(recorder.run(*example_inputs))
         recorder.values.update(inner_values)
@@ -154,7 +155,7 @@ def verify(
         outputs = [compare("output", a, e, rtol, atol) for a, e in zip(actual, expected)]
         output = max(outputs, key=lambda c: c.max_rel)
         sites = []
-        for name, (input_node, output_node) in report.site_nodes.items():
+        for name, (input_node, output_node) in compared.items():
             if input_node == INNER:
                 input_node, output_node = f"{name}:input", f"{name}:output"
             if input_node not in recorder.values or output_node not in recorder.values:

@@ -4,13 +4,13 @@ import warnings
 
 import pytest
 import torch
+from models import StaticSameNet, TinyResNet
 
 import tcnn_fx
-from models import StaticSameNet, TinyResNet
-from tcnn_fx import PolicyError
+from tcnn_fx import PolicyError, meta
 from tcnn_fx.models.zoo import build_on_meta
 from tcnn_fx.specs import build
-from tcnn_fx.stages import DECLARED_KEY, stage_table
+from tcnn_fx.stages import stage_table
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -95,7 +95,7 @@ def test_block_groups_follow_timm_feature_info(spec):
     """timm declares where each stage ends (feature_info); a stage's blocks stay whole and 'last' is stride 32."""
     model = build_on_meta(spec)
     sites, graph = sites_of(model)
-    assert graph.meta[DECLARED_KEY] == tuple(d["module"] for d in model.feature_info)
+    assert graph.meta[meta.DECLARED_STAGES] == tuple(d["module"] for d in model.feature_info)
     last = max(s.stage for s in sites)
     assert stage_table(sites)[-1].resolution == (7, 7) and stage_table(sites)[-1].index == last
     assert stage_of(sites, model.feature_info[-1]["module"]) == {last}

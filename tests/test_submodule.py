@@ -41,7 +41,7 @@ def test_backbone_rewrite_returns_the_whole_detector(detector):
     hybrid = tcnn_fx.rewrite(detector, "stage4", (x,), module="backbone.body")
     assert type(hybrid) is type(detector) and isinstance(hybrid.backbone.body, torch.fx.GraphModule)
     report = tcnn_fx.report_of(hybrid)
-    assert report.module == "backbone.body" and report.input_shapes == ((1, 3, 96, 96),)
+    assert report.recipe.module == "backbone.body" and report.recipe.input_shapes == ((1, 3, 96, 96),)
     assert report.converted == ("layer4.0.conv2", "layer4.1.conv2", "layer4.2.conv2")
     assert not any(isinstance(m, torch.fx.GraphModule) for m in detector.modules())  # the user's model is untouched
     assert all(torch.equal(before[k], v) for k, v in detector.state_dict().items())
@@ -58,7 +58,7 @@ def test_saved_backbone_rewrite_loads_without_running_the_detector(detector, tmp
                              spec="torchvision:fasterrcnn_resnet50_fpn")  # fmt: skip
     tcnn_fx.save(hybrid, tmp_path / "detector.pt")
     loaded = tcnn_fx.load(tmp_path / "detector.pt").eval()
-    assert tcnn_fx.report_of(loaded).module == "backbone.body"
+    assert tcnn_fx.recipe_of(loaded).module == "backbone.body"
     features = torch.rand(1, 3, 96, 96)
     with torch.no_grad():
         for name, value in hybrid.backbone.body(features).items():
@@ -106,7 +106,7 @@ def test_cli_converts_a_detector_backbone(tmp_path, capsys):
           "last", "--verify", "--out", str(out), "--input-size", "64"])  # fmt: skip
     output = capsys.readouterr().out
     assert "passed" in output and out.is_file()
-    assert tcnn_fx.report_of(tcnn_fx.load(out)).module == "backbone.body"
+    assert tcnn_fx.recipe_of(tcnn_fx.load(out)).module == "backbone.body"
 
 
 @pytest.mark.parametrize("dtype", [torch.float64])

@@ -18,7 +18,7 @@ from torch import nn
 from tcnn_fx.errors import InvalidInputError
 from tcnn_fx.export.onnx import _session, to_onnx, verify_onnx
 from tcnn_fx.modes import evaluating
-from tcnn_fx.rewrite import report_of
+from tcnn_fx.meta import report_of
 from tcnn_fx.timing import time_side_by_side
 
 RUNTIMES = ("torch", "ort")

@@ -22,6 +22,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
+from tcnn_fx import meta
 from tcnn_fx.errors import (
     InvalidInputError,
     MissingDependencyError,
@@ -42,15 +43,19 @@ class ExportError(TcnnFxError, RuntimeError):
 
 
 def _metadata(model: nn.Module, opset: int) -> dict[str, str]:
+    """The file's metadata: the tcnn_fx version and opset, and for a hybrid its rewrite recipe and converted sites."""
     from tcnn_fx import __version__
-    from tcnn_fx.rewrite import REPORT_KEY
 
     data = {"tcnn_fx_version": __version__, "opset": str(opset)}
-    report = getattr(model, "meta", {}).get(REPORT_KEY)
-    if report is not None:
-        data["base_model"] = report.spec or ""
-        data["policy"] = json.dumps(report.policy)
-        data["converted_sites"] = json.dumps(list(report.converted))
+    try:
+        _, graph = meta.rewritten_graph(model)
+    except InvalidInputError:  # a plain CNN
+        return data
+    recipe = meta.recipe(graph)
+    data["base_model"] = recipe.spec or ""
+    data["policy"] = json.dumps(recipe.policy)
+    data["recipe"] = json.dumps(recipe.to_dict())
+    data["converted_sites"] = json.dumps(list(meta.report(graph).converted))
     return data
 
 

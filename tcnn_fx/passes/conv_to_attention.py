@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from tcnn_fx import meta
 from tcnn_fx.errors import InvalidInputError
 from tcnn_fx.layers import ConvAttention2d, ConvAttentionConfig
 from tcnn_fx.leaf_sites import INNER
@@ -120,7 +121,7 @@ def convert_sites(
         with graph_module.graph.inserting_before(conv):
             replacement = graph_module.graph.call_module(site.name, (source,))
         replacement.meta.update(out.meta)
-        replacement.meta["tcnn_fx.site"] = site
+        replacement.meta[meta.SITE] = site
         out.replace_all_uses_with(replacement)
         for name in (site.norm_node if folded else None, site.node, *site.absorbed):
             if name is not None and not nodes[name].users:

@@ -20,9 +20,8 @@ from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+from tcnn_fx import meta
 from tcnn_fx.errors import InvalidInputError, TcnnFxError
-
-FLOPS_KEY = "tcnn_fx.flops"
 
 
 class _FlopCounter(TorchDispatchMode):
@@ -53,8 +52,7 @@ def _meta(value):
     return value.to("meta") if isinstance(value, torch.Tensor) else value
 
 
-#: ``graph_module.meta[INNER_CALLS_KEY]``: for each ``nn.Conv2d`` inside a module capture kept whole, its calls.
-INNER_CALLS_KEY = "tcnn_fx.inner_convolutions"
+#: ``graph_module.meta[meta.INNER_CALLS]``: for each ``nn.Conv2d`` inside a module capture kept whole, its calls.
 
 
 @dataclass(frozen=True)
@@ -179,13 +177,13 @@ def propagate_shapes(graph_module: fx.GraphModule, example_inputs: tuple, look_i
     Also stores the FLOPs of one forward pass (``torch.utils.flop_counter``:
     matrix products and convolutions) in ``graph_module.meta['tcnn_fx.flops']``,
     and the calls of the convolutions inside the modules ``look_inside`` names
-    in ``graph_module.meta[INNER_CALLS_KEY]``.
+    in ``graph_module.meta[meta.INNER_CALLS]``.
     """
     propagation = MetaShapeProp(graph_module, look_inside)
     with torch.no_grad(), _FlopCounter() as counter:
         propagation.run(*(_meta(x) for x in example_inputs))
-    graph_module.meta[FLOPS_KEY] = counter.total
-    graph_module.meta[INNER_CALLS_KEY] = propagation.inner_calls
+    graph_module.meta[meta.FLOPS] = counter.total
+    graph_module.meta[meta.INNER_CALLS] = propagation.inner_calls
 
 
 def spatial_size(node: fx.Node) -> tuple[int, int] | None:

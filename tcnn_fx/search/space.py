@@ -2,8 +2,9 @@
 
 A point of the space is a mask over its groups; its policy converts exactly
 the sites of the groups set, and replays with ``rewrite(policy=...)``.  The
-FLOP and parameter ratios of a point are exact sums over the site table (the
-same arithmetic as ``RewriteReport``), so costs need no rewrite.
+FLOP and parameter ratios of a point come from the cost model
+(``tcnn_fx.cost``, whole model, as ``RewriteReport`` and policy budgets), so
+costs need no rewrite.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from tcnn_fx import meta
+from tcnn_fx.cost import ModelCost
 from tcnn_fx.errors import InvalidInputError
-from tcnn_fx.passes.shape_prop import FLOPS_KEY
 from tcnn_fx.policy import Policy
-from tcnn_fx.rewrite import SITES_KEY, trace
+from tcnn_fx.rewrite import trace
 from tcnn_fx.sites import Site
 
 GROUPINGS = ("site", "block", "stage")
@@ -37,9 +39,7 @@ class SearchSpace:
 
     groups: tuple[Group, ...]
     sites: dict[str, Site]
-    flops: int  # of the whole model at the traced batch size
-    params: int
-    batch: int
+    cost: ModelCost
     base_policy: str
     grouping: str
 
@@ -51,10 +51,10 @@ class SearchSpace:
         if grouping not in GROUPINGS:
             raise InvalidInputError(f"grouping must be one of {GROUPINGS}, not {grouping!r}")
         graph_module = trace(model, example_inputs)
-        sites: list[Site] = graph_module.meta[SITES_KEY]
+        sites, cost = meta.sites(graph_module), meta.model_cost(graph_module)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # an empty selection is reported below, as an error
-            chosen = set(Policy(base_policy).plan(sites).names)
+            chosen = set(Policy(base_policy).plan(sites, cost).names)
         if not chosen:
             raise InvalidInputError(
                 f"the search space is empty: base policy {base_policy!r} selects no convertible site "
@@ -65,9 +65,7 @@ class SearchSpace:
             label = {"site": site.name, "block": f"block {site.block}", "stage": f"stage {site.stage}"}[grouping]
             keyed.setdefault(label, []).append(site.name)
         groups = tuple(Group(label, tuple(names)) for label, names in keyed.items())
-        params = sum(p.numel() for p in graph_module.parameters())
-        return cls(groups, {s.name: s for s in sites if s.name in chosen}, graph_module.meta[FLOPS_KEY], params,
-                   example_inputs[0].shape[0], base_policy, grouping)  # fmt: skip
+        return cls(groups, {s.name: s for s in sites if s.name in chosen}, cost, base_policy, grouping)
 
     @property
     def size(self) -> int:
@@ -100,12 +98,10 @@ class SearchSpace:
         return tuple(mask)
 
     def flop_ratio(self, mask: tuple[bool, ...]) -> float:
-        extra = sum(self.sites[n].attention_flops - self.sites[n].conv_flops for n in self.names(mask))
-        return (self.flops + extra * self.batch) / self.flops
+        return self.cost.flop_ratio(self.sites[n] for n in self.names(mask))
 
     def param_ratio(self, mask: tuple[bool, ...]) -> float:
-        extra = sum(self.sites[n].attention_params - self.sites[n].conv_params for n in self.names(mask))
-        return (self.params + extra) / self.params
+        return self.cost.param_ratio(self.sites[n] for n in self.names(mask))
 
     def _check(self, mask: tuple[bool, ...]) -> None:
         if len(mask) != len(self.groups):
