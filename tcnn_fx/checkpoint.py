@@ -79,13 +79,13 @@ def _open(path: str | Path) -> tuple[RewriteRecipe, dict | None]:
             with safetensors.safe_open(str(path), "pt") as file:
                 metadata = file.metadata() or {}
         except Exception as error:
-            raise CheckpointError(f"{path} is damaged or not a safetensors file ({error})") from error
+            raise CheckpointError(f"{path} is damaged or not a safetensors file ({_one_line(error)})") from error
         if metadata.get("format") != FORMAT or RECIPE_KEY not in metadata:
             raise CheckpointError(f"{path} is a safetensors file but not a tcnn_fx checkpoint (format {FORMAT})")
         try:
             return RewriteRecipe.from_dict(json.loads(metadata[RECIPE_KEY])), None
         except (json.JSONDecodeError, InvalidInputError) as error:
-            raise CheckpointError(f"{path}: its recipe cannot be read ({error})") from error
+            raise CheckpointError(f"{path}: its recipe cannot be read ({_one_line(error)})") from error
     raise CheckpointError(f"{path} is not a tcnn_fx checkpoint (a safetensors file written by tcnn_fx.save)")
 
 
@@ -93,7 +93,7 @@ def _open_legacy(path: Path) -> tuple[RewriteRecipe, dict]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(error).__name__}: {error})") from error
+        raise CheckpointError(f"{path} cannot be read as a checkpoint ({_one_line(error)})") from error
     if not isinstance(payload, dict) or payload.get("format") != LEGACY_FORMAT:
         raise CheckpointError(f"{path} is not a tcnn_fx checkpoint (formats {FORMAT}, {LEGACY_FORMAT})")
     recipe = RewriteRecipe(
@@ -148,7 +148,7 @@ def load(path: str | Path, model: nn.Module | None = None, *, trust_model_file: 
             spec=recipe.spec,
         )
     except InvalidInputError as error:
-        raise CheckpointError(f"{path} does not fit the base model: {error}") from error
+        raise CheckpointError(f"{path} does not fit the base model: {_one_line(error)}") from error
     _load_tensors(hybrid, path, legacy_state)
     return hybrid
 
@@ -182,4 +182,8 @@ def _load_tensors(hybrid: nn.Module, path, legacy_state: dict | None) -> None:
                     f"unexpected {sorted(unexpected)[:8]}"
                 )
     except (RuntimeError, safetensors.SafetensorError) as error:
-        raise CheckpointError(f"{path} does not match the rebuilt model: {error}") from error
+        raise CheckpointError(f"{path} does not match the rebuilt model: {_one_line(error)}") from error
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:600]

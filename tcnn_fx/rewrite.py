@@ -10,6 +10,7 @@ rewritten graph carries its ``RewriteRecipe`` (how to replay it) and its
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable
 
 import torch
@@ -106,6 +107,12 @@ def rewrite(
     """
     if config is not None and layer_options:
         raise UsageError(f"pass either config or layer options {sorted(layer_options)}, not both")
+    known = {f.name for f in dataclasses.fields(ConvAttentionConfig)}
+    if set(layer_options) - known:
+        raise UsageError(
+            f"rewrite got unknown options {sorted(set(layer_options) - known)}; layer options are {sorted(known)} "
+            "(policy settings such as include_stem go in a Policy)"
+        )
     config = config or ConvAttentionConfig(**layer_options)
     policy = Policy.coerce(policy)
     if module_inputs is not None and module is None:

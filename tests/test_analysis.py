@@ -39,7 +39,8 @@ def test_at_conversion_gates_are_closed_and_heads_attend_to_their_taps(tmp_path)
     low, high = gates.get_ylim()
     assert low < 0 < high  # every weight is 0: the axis still spans it
     assert "applied mix: mean" in legend(distances)  # every w in [0, 1]: the mix is a distance, and is drawn
-    assert "layer3.0.conv1" in analysis.table(rows) and " - " not in analysis.table(rows)
+    text = analysis.table(rows)
+    assert "layer3.0.conv1" in text and f"{rows[0].mean_distance:.3f}" in text and "signed mass" not in text
 
 
 def test_opened_gates_and_content_reach_show(tmp_path):
