@@ -1,6 +1,6 @@
 """tcnn_fx: recast a trained CNN's convolutions as self-attention that equals them at initialisation."""
 
-from tcnn_fx import export
+from tcnn_fx import export, meta
 from tcnn_fx.capture import CaptureError, capture
 from tcnn_fx.checkpoint import load, save
 from tcnn_fx.layers import AttentionMaps, ConvAttention2d, ConvAttentionConfig, ConvGeometry, ConvStem
@@ -51,6 +51,7 @@ __all__ = [
     "impulse_init",
     "load",
     "measure_target_mass",
+    "meta",
     "mimetic_init",
     "recipe_of",
     "report_of",
