@@ -102,7 +102,13 @@ def _from_file(path: Path, factory: str, extra: dict) -> nn.Module:
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a state dict file into ``model`` (strictly), accepting ``{'state_dict': ...}`` and ``module.`` prefixes."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not Path(path).is_file():
+        raise MissingFileError(f"weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - truncated zips, refused pickles, foreign formats alike
+        reason = " ".join(str(error).split())[:300] or type(error).__name__
+        raise ModelSpecError(f"weights file {path} is not a readable state dict ({reason})") from error
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -71,9 +71,8 @@ def _export(model: nn.Module, example_inputs: tuple, opset: int, dynamic_shapes,
             external_data=False,
             verbose=False,
         )
-    except Exception as error:  # noqa: BLE001 - every exporter failure is reported the same way
-        reason = " ".join(str(error).split())[:500] or type(error).__name__
-        raise ExportError(f"cannot export {type(model).__name__} to ONNX: {reason}") from error
+    except Exception as error:
+        raise ExportError(f"cannot export {type(model).__name__} to ONNX: {_one_line(error)}") from error
 
 
 def to_onnx(
@@ -161,12 +160,21 @@ def _session(path: Path, provider: str, *, spinning: bool = True):
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     settings = {"use_tf32": "0"} if provider == "CUDAExecutionProvider" else {}  # exact float32 products
-    session = ort.InferenceSession(str(path), options, providers=[(provider, settings)])
+    if not path.is_file():
+        raise MissingFileError(f"ONNX file {path} does not exist")
+    try:
+        session = ort.InferenceSession(str(path), options, providers=[(provider, settings)])
+    except Exception as error:
+        raise InvalidInputError(f"ONNX Runtime cannot load {path}: {_one_line(error)}") from error
     if session.get_providers()[0] != provider:
         raise MissingDependencyError(
             f"ONNX Runtime could not use {provider} on this machine (it fell back to {session.get_providers()[0]})"
         )
     return session
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:400] or type(error).__name__
 
 
 def _top1(comparison: Comparison, actual: torch.Tensor, expected: torch.Tensor, required: bool) -> Comparison:
@@ -195,9 +203,11 @@ def verify_onnx(
     Inputs are cast to the file's input types.  ``rtol`` defaults to 1e-5 for
     a float32 file on the CPU provider, 1e-4 on GPU providers (CUDA runs with
     TF32 off), and 1e-2 for a float16 file, which must also give the same
-    top-1 class on 2-d outputs (logits).  Raises ``AssertionError`` with the
+    top-1 class on 2-d outputs (logits).  Raises an error with the
     per-output table when an output's relative error exceeds ``rtol`` (and its
-    absolute error ``atol``).
+    absolute error ``atol``): a ``VerificationError`` (an ``AssertionError``).
+    A file ONNX Runtime cannot load or run on ``inputs`` is an
+    ``InvalidInputError`` naming it.
     """
     with evaluating(model), torch.no_grad():
         expected = model(*inputs)
@@ -212,7 +222,23 @@ def verify_onnx(
             i.name: (x.half() if i.type == "tensor(float16)" else x).detach().cpu().numpy()
             for i, x in zip(session.get_inputs(), inputs)
         }
-        actual = [torch.from_numpy(np.asarray(a)).float() for a in session.run(None, feeds)]
+        if len(feeds) != len(inputs) or len(session.get_inputs()) != len(inputs):
+            raise InvalidInputError(
+                f"{path} takes {len(session.get_inputs())} inputs; {len(inputs)} were given: is it another model's file?"
+            )
+        try:
+            results = session.run(None, feeds)
+        except Exception as error:
+            raise InvalidInputError(
+                f"{path} does not run on inputs of shapes {[tuple(x.shape) for x in inputs]}: {_one_line(error)}"
+            ) from error
+        actual = [torch.from_numpy(np.asarray(a)).float() for a in results]
+        if len(actual) != len(expected):
+            raise InvalidInputError(f"{path} has {len(actual)} outputs, the model {len(expected)}: another model's file?")
+        shapes = [(tuple(a.shape), tuple(e.shape)) for a, e in zip(actual, expected)]
+        if any(a != e for a, e in shapes):
+            raise InvalidInputError(f"{path} gives outputs of shapes {[a for a, _ in shapes]}, the model "
+                                    f"{[e for _, e in shapes]}: another model's file?")  # fmt: skip
         outputs = tuple(
             _top1(compare(f"output {i}", a, e.float().cpu(), tolerance, atol), a, e, half)
             for i, (a, e) in enumerate(zip(actual, expected))

@@ -180,8 +180,11 @@ def propagate_shapes(graph_module: fx.GraphModule, example_inputs: tuple, look_i
     in ``graph_module.meta[meta.INNER_CALLS]``.
     """
     propagation = MetaShapeProp(graph_module, look_inside)
-    with torch.no_grad(), _FlopCounter() as counter:
-        propagation.run(*(_meta(x) for x in example_inputs))
+    try:
+        with torch.no_grad(), _FlopCounter() as counter:
+            propagation.run(*(_meta(x) for x in example_inputs))
+    except ShapePropagationError as error:  # torch.fx appended its own multi-line trace to the message
+        raise ShapePropagationError(str(error).splitlines()[0]) from error.__cause__
     graph_module.meta[meta.FLOPS] = counter.total
     graph_module.meta[meta.INNER_CALLS] = propagation.inner_calls
 
