@@ -12,6 +12,7 @@ from tcnn_fx.passes.attention_init import (
     scale_positions,
 )
 from tcnn_fx.passes.conv_stem import ConvStemReport, conv_stem
+from tcnn_fx.passes.vit import ViTPasses, apply_vit_passes, measure_impulse_mass
 from tcnn_fx.policy import Plan, Policy, PolicyError
 from tcnn_fx.errors import TcnnFxError
 from tcnn_fx.meta import recipe_of, report_of
@@ -41,7 +42,9 @@ __all__ = [
     "Site",
     "TcnnFxError",
     "VerifyReport",
+    "ViTPasses",
     "__version__",
+    "apply_vit_passes",
     "capture",
     "conv_stem",
     "export",
@@ -50,6 +53,7 @@ __all__ = [
     "find_token_grid",
     "impulse_init",
     "load",
+    "measure_impulse_mass",
     "measure_target_mass",
     "meta",
     "mimetic_init",

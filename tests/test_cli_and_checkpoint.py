@@ -83,4 +83,6 @@ def test_cli_errors_exit_with_a_message(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["convert", "cifar:resnet20", "--policy", "stage5", "--out", "x.pt"])
     assert exit_info.value.code == 2
-    assert "its stages are 0 (32x32: conv1), 1 (32x32: layer1), 2 (16x16: layer2), 3 (8x8: layer3)" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert printed.err.startswith("error: ") and printed.err.count("\n") == 1  # one line, on stderr
+    assert "its stages are 0 (32x32: conv1), 1 (32x32: layer1), 2 (16x16: layer2), 3 (8x8: layer3)" in printed.err

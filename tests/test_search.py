@@ -236,10 +236,10 @@ def test_cli_search_with_the_fine_tune_proxy(tmp_path, capsys):
     with pytest.raises(SystemExit):  # the same study name for another space: refused before any compute
         main(["search", "cifar:resnet20", "--out", str(out), "--base-policy", "stage>=2", "--data", str(data),
               "--study", "cifar:resnet20|stage>=3|block", "--objectives", "accuracy,flop_ratio"])  # fmt: skip
-    assert "made for another search" in " ".join(capsys.readouterr().out.split())
+    assert "made for another search" in " ".join(capsys.readouterr().err.split())
     with pytest.raises(SystemExit):
         main(["search", "cifar:resnet20", "--out", str(out), "--objectives", "accuracy,flop_ratio"])
-    assert "pass --data" in " ".join(capsys.readouterr().out.split())
+    assert "pass --data" in " ".join(capsys.readouterr().err.split())
 
 
 def test_candidate_latency_is_measured_against_the_cnn_and_the_cnn_is_itself(resnet20):

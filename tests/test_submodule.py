@@ -97,7 +97,7 @@ def test_cli_converts_a_detector_backbone(tmp_path, capsys):
 
     with pytest.raises(SystemExit):
         main(["sites", "torchvision:ssdlite320_mobilenet_v3_large", "--module", "backbone.features"])
-    assert "modules near it that are called: ['backbone', 'backbone.features.0'" in capsys.readouterr().out
+    assert "modules near it that are called: ['backbone', 'backbone.features.0'" in capsys.readouterr().err
     main(["sites", "torchvision:ssdlite320_mobilenet_v3_large", "--module", "backbone", "--input-size", "64"])
     output = capsys.readouterr().out
     assert "stages" in output and "(stem)" in output

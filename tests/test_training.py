@@ -276,22 +276,23 @@ def test_cli_finetune_evaluate_analyze(dataset, tmp_path, capsys):
     common = ["--data", str(dataset), "--input-size", "16"]
     with pytest.raises(SystemExit):
         main(["finetune", spec, *common, "--out", str(tmp_path / "x"), "--epochs", "1"])
-    message = " ".join(capsys.readouterr().out.split())
+    message = capsys.readouterr().err
     assert "the model has 5 outputs but" in message and "pass --num-classes 3" in message
+    assert not (tmp_path / "x").exists()  # refused before the run folder was made
     run = tmp_path / "run"
     main(["finetune", spec, *common, "--num-classes", "3", "--policy", "stage>=1", "--out", str(run), "--epochs", "2",
           "--batch-size", "8", "--lr", "0.05", "--workers", "0", "--quiet", "--in-memory"])  # fmt: skip
-    assert {p.name for p in run.iterdir()} >= {"last.pt", "metrics.jsonl", "model.pt"}
-    hybrid = tcnn_fx.load(run / "model.pt")
+    assert {p.name for p in run.iterdir()} >= {"last.pt", "metrics.jsonl", "model.safetensors"}
+    hybrid = tcnn_fx.load(run / "model.safetensors", trust_model_file=True)  # the spec is a Python file
     assert len(tcnn_fx.report_of(hybrid).converted) > 0
     capsys.readouterr()
-    main(["evaluate", str(run / "model.pt"), "--data", str(dataset), "--corruptions", "contrast,pixelate",
-          "--severities", "1,5", "--json", str(tmp_path / "robust.json"), "--quiet"])  # fmt: skip
+    main(["evaluate", str(run / "model.safetensors"), "--trust-model-file", "--data", str(dataset), "--corruptions",
+          "contrast,pixelate", "--severities", "1,5", "--json", str(tmp_path / "robust.json"), "--quiet"])  # fmt: skip
     robust = json.loads((tmp_path / "robust.json").read_text())
     assert set(robust["corrupted"]) == {"contrast", "pixelate"} and set(robust["corrupted"]["contrast"]) == {"1", "5"}
     assert robust["clean_top1"] == json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["val_top1"]
-    main(["analyze", str(run / "model.pt"), "--data", str(dataset), "--images", "12", "--json", str(tmp_path / "a.json"),
-          "--plot", str(tmp_path / "a.png")])  # fmt: skip
+    main(["analyze", str(run / "model.safetensors"), "--trust-model-file", "--data", str(dataset), "--images", "12",
+          "--json", str(tmp_path / "a.json"), "--plot", str(tmp_path / "a.png")])  # fmt: skip
     layers = json.loads((tmp_path / "a.json").read_text())["layers"]
     assert [layer["name"] for layer in layers] == list(tcnn_fx.report_of(hybrid).converted)
     assert (tmp_path / "a.png").stat().st_size > 10_000

@@ -32,11 +32,11 @@ def test_finetune_with_vit_passes(dataset, tmp_path, capsys, init):
         record = json.loads((run / "attention_init.json").read_text())
         assert set(record["in_model_mass"]) == {"blocks.0.attn"} and record["images"] == 24
         assert "in the model on 24 images" in printed
-    model = tcnn_fx.load(run / "model.pt")
+    model = tcnn_fx.load(run / "model.safetensors", trust_model_file=True)  # the spec is a Python file
     assert isinstance(model.get_submodule("patch_embed.proj"), ConvStem)
     assert [s.name for s in find_attention_sites(model)] == ["blocks.0.attn"]  # one block removed
-    main(["evaluate", str(run / "model.pt"), "--data", str(dataset), "--corruptions", "contrast", "--severities", "1",
-          "--json", str(tmp_path / "robust.json"), "--quiet"])  # fmt: skip
+    main(["evaluate", str(run / "model.safetensors"), "--trust-model-file", "--data", str(dataset), "--corruptions",
+          "contrast", "--severities", "1", "--json", str(tmp_path / "robust.json"), "--quiet"])  # fmt: skip
     clean = json.loads((tmp_path / "robust.json").read_text())["clean_top1"]
     assert clean == json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["val_top1"]
 
@@ -55,13 +55,45 @@ def test_flags_that_need_another_flag(dataset, tmp_path, capsys):
         str(tmp_path),
     ]
     for extra, message in (
-        (["--remove-block"], "--remove-block goes with --conv-stem"),
-        (["--impulse-kernel", "5", "--impulse-order", "fixed"], "--impulse-kernel, --impulse-order need --attention-init"),
+        (["--remove-block"], "remove_block (--remove-block) goes with conv_stem (--conv-stem)"),
+        (
+            ["--impulse-kernel", "5", "--impulse-order", "fixed"],
+            "impulse_kernel (--impulse-kernel), impulse_order (--impulse-order) need attention_init impulse",
+        ),
         (
             ["--attention-init", "mimetic", "--impulse-target", "distance"],
-            "--impulse-target need --attention-init impulse",
+            "impulse_target (--impulse-target) need attention_init impulse (--attention-init impulse); it is mimetic",
         ),
+        (["--attention-init", "impulse", "--impulse-kernel", "4"], "impulse_kernel (--impulse-kernel) must be odd"),
     ):
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as exit_info:
             main([*common, *extra])
-        assert message in " ".join(capsys.readouterr().out.split())
+        printed = capsys.readouterr()
+        assert exit_info.value.code == 2 and printed.err.count("\n") == 1 and message in printed.err
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_the_passes_as_one_library_call(dataset):
+    import torch
+    from models import tiny_vit
+
+    from tcnn_fx.errors import InvalidInputError
+    from tcnn_fx.passes.vit import ViTPasses, apply_vit_passes, measure_impulse_mass
+    from tcnn_fx.training import ImageFolderData, Preprocessing
+
+    torch.manual_seed(0)
+    model, x = tiny_vit(num_classes=3), (torch.randn(1, 3, 16, 16),)
+    vit, records = apply_vit_passes(model, x, ViTPasses(conv_stem=True, position_scale=1.0, attention_init="impulse"))
+    assert not isinstance(model.get_submodule("patch_embed.proj"), ConvStem)  # the model is untouched
+    assert isinstance(vit.get_submodule("patch_embed.proj"), ConvStem)
+    assert records.stem_record == {"widths": list(records.conv_stem.widths), "remove_block": False}
+    assert records.position_factor > 0 and records.attention_init.method == "impulse"
+    split = ImageFolderData(dataset / "val", Preprocessing(16).eval(), in_memory=True)
+    mass = measure_impulse_mass(vit, records.attention_init, split, images=6)
+    assert mass.images == 6 and set(mass.to_dict()["in_model_mass"]) == {"blocks.0.attn", "blocks.1.attn"}
+    assert len(mass.lines()) == 2
+    assert apply_vit_passes(model, x, ViTPasses())[1] == type(records)()  # nothing asked, nothing done
+    with pytest.raises(InvalidInputError, match="impulse_order"):
+        ViTPasses(attention_init="mimetic", impulse_order="fixed")
+    with pytest.raises(InvalidInputError, match="position_scale"):
+        ViTPasses(position_scale=0)

@@ -17,8 +17,9 @@ from torch import nn
 
 from tcnn_fx.errors import InvalidInputError
 from tcnn_fx.export.onnx import _session, to_onnx, verify_onnx
-from tcnn_fx.modes import evaluating
+from tcnn_fx.files import atomic_write
 from tcnn_fx.meta import report_of
+from tcnn_fx.modes import evaluating
 from tcnn_fx.timing import time_side_by_side
 
 RUNTIMES = ("torch", "ort")
@@ -94,15 +95,13 @@ def bench(
 
 def plot(rows: list[BenchRow], path: str | Path, title: str = "") -> None:
     """Bar chart of the hybrid / CNN latency ratio per batch size and runtime, with the FLOP ratio as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the caller's matplotlib backend is left alone
 
     batches = sorted({r.batch for r in rows})
     runtimes = sorted({r.runtime for r in rows}, key=RUNTIMES.index)
     width = 0.8 / len(runtimes)
-    figure, axes = plt.subplots(figsize=(1.5 + 1.2 * len(batches) * len(runtimes), 3.5))
+    figure = Figure(figsize=(1.5 + 1.2 * len(batches) * len(runtimes), 3.5))
+    axes = figure.add_subplot()
     for i, runtime in enumerate(runtimes):
         ratios = [next(r.ratio for r in rows if r.batch == b and r.runtime == runtime) for b in batches]
         axes.bar([j + i * width for j in range(len(batches))], ratios, width, label=runtime)
@@ -113,5 +112,5 @@ def plot(rows: list[BenchRow], path: str | Path, title: str = "") -> None:
     axes.set_title(title)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    with atomic_write(path) as temporary:
+        figure.savefig(temporary, dpi=120, format=Path(path).suffix.lstrip(".") or "png")

@@ -9,6 +9,7 @@ from pathlib import Path
 import optuna
 
 from tcnn_fx.errors import InvalidInputError
+from tcnn_fx.files import atomic_write
 from tcnn_fx.policy import Policy
 
 COLUMNS = ("trial", "accuracy", "latency_ratio", "flop_ratio", "param_ratio", "converted", "groups", "seed_point")
@@ -45,13 +46,14 @@ def write(study: optuna.Study, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     (out / "policies").mkdir(parents=True, exist_ok=True)
     rows = front(study)
-    with open(out / "front.csv", "w", newline="") as handle:
+    with atomic_write(out / "front.csv") as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    (out / "front.json").write_text(
-        json.dumps({"study": study.study_name, **summary(study), "front": rows}, indent=2) + "\n"
-    )
+    with atomic_write(out / "front.json") as temporary:
+        Path(temporary).write_text(
+            json.dumps({"study": study.study_name, **summary(study), "front": rows}, indent=2) + "\n"
+        )
     for row in rows:
         export_policy(study, row["trial"], out / "policies" / f"trial_{row['trial']}.json")
     return {"csv": out / "front.csv", "json": out / "front.json", "policies": out / "policies"}
@@ -72,16 +74,14 @@ def export_policy(study: optuna.Study, number: int, path: str | Path) -> Policy:
 
 def plot(study: optuna.Study, path: str | Path) -> None:
     """Accuracy (or the first objective) against latency ratio (or FLOP ratio); front, CNN and 'last' marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the caller's matplotlib backend is left alone
 
     groups = study.user_attrs["groups"]
     complete = [_row(t, groups) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
     x_key = "latency_ratio" if any(r["latency_ratio"] is not None for r in complete) else "flop_ratio"
     y_key = "accuracy" if any(r["accuracy"] is not None for r in complete) else "param_ratio"
-    figure, axis = plt.subplots(figsize=(6.5, 4.5), constrained_layout=True)
+    figure = Figure(figsize=(6.5, 4.5), constrained_layout=True)
+    axis = figure.add_subplot()
     axis.scatter([r[x_key] for r in complete], [r[y_key] for r in complete], s=14, color="lightgrey", label="trials")
     best = sorted(front(study), key=lambda r: r[x_key])
     axis.plot([r[x_key] for r in best], [r[y_key] for r in best], "o-", color="tab:blue", label="Pareto front")
@@ -92,8 +92,8 @@ def plot(study: optuna.Study, path: str | Path) -> None:
                          label="CNN" if seed == "cnn" else "last stage (paper)", zorder=3)  # fmt: skip
     axis.set(xlabel=x_key.replace("_", " "), ylabel=y_key.replace("_", " "), title=study.study_name)
     axis.legend(fontsize=8)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    with atomic_write(path) as temporary:
+        figure.savefig(temporary, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
 
 
 def hypervolume(points: list[tuple[float, float]], reference: tuple[float, float]) -> float:

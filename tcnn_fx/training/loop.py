@@ -144,13 +144,33 @@ def evaluate_accuracy(
     }
 
 
+def check_run_folder(out_dir: str | Path | None, resume: bool) -> None:
+    """Refuse a run that would overwrite a checkpoint, or resume from none; before anything is computed or written."""
+    checkpoint = Path(out_dir) / CHECKPOINT if out_dir is not None else None
+    if checkpoint is not None and checkpoint.exists() and not resume:
+        raise FileConflictError(
+            f"{checkpoint} exists: pass resume=True (--resume) to continue it, or choose another output folder"
+        )
+    if resume and (checkpoint is None or not checkpoint.is_file()):
+        raise MissingFileError(f"nothing to resume: no {CHECKPOINT} in {out_dir}")
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise FileConflictError(f"the output folder {out_dir} is a file")
+
+
+def check_batches(images: int, batch_size: int, processes: int = 1) -> None:
+    """Refuse a training set smaller than one batch per process (the loader drops incomplete batches)."""
+    if images < batch_size * processes:
+        raise InvalidInputError(
+            f"the training set has {images} images, fewer than one batch of {batch_size} per process"
+            + (f" ({processes} processes)" if processes > 1 else "")
+        )
+
+
 class _Run:
-    """Checkpoint and metrics files of one run."""
+    """Checkpoint and metrics files of one run; the folder is made when the first file is written."""
 
     def __init__(self, out_dir: Path | None, main: bool):
         self.dir, self.main = out_dir, main and out_dir is not None
-        if self.main:
-            out_dir.mkdir(parents=True, exist_ok=True)
 
     @property
     def checkpoint(self) -> Path | None:
@@ -158,12 +178,14 @@ class _Run:
 
     def save(self, state: dict) -> None:
         if self.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
             with atomic_write(self.checkpoint) as temporary:
                 torch.save(state, temporary)
 
     def log(self, history: list[dict]) -> None:
         """Rewrite the metrics file to ``history`` (so a resumed run drops the records of lost epochs)."""
         if self.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
             with atomic_write(self.dir / METRICS) as temporary:
                 Path(temporary).write_text("".join(json.dumps(record) + "\n" for record in history))
 
@@ -215,17 +237,9 @@ def finetune(
     """
     recipe = recipe or Recipe()
     processes = Processes.from_env()
+    check_run_folder(out_dir, resume)
+    check_batches(len(train), recipe.batch_size, processes.world)
     run = _Run(Path(out_dir) if out_dir is not None else None, processes.main)
-    if run.checkpoint is not None and run.checkpoint.exists() and not resume:
-        raise FileConflictError(
-            f"{run.checkpoint} exists: pass resume=True (--resume) to continue it, or choose another output folder"
-        )
-    if resume and (run.checkpoint is None or not run.checkpoint.exists()):
-        raise MissingFileError(f"nothing to resume: no {CHECKPOINT} in {out_dir}")
-    if len(train) < recipe.batch_size * processes.world:
-        raise InvalidInputError(
-            f"the training set has {len(train)} images, fewer than one batch of {recipe.batch_size} per process"
-        )
 
     seed_everything(recipe.seed)
     model.to(processes.device)

@@ -12,7 +12,7 @@ own learning rate.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -28,24 +28,36 @@ ATTENTION_PARAMETERS = ("query_weight", "key_weight", "centres", "locality", "ga
 NO_DECAY_ATTENTION = ("centres", "locality", "gate")
 
 
+def _field(default, help: str, **metadata):
+    """A field with its one-line description (``metadata['help']``): the CLI's flags are generated from these."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
 @dataclass(frozen=True)
 class Recipe(DictSettings):
-    """How to fine-tune: every number that changes the result, saved with each checkpoint."""
+    """How to fine-tune: every number that changes the result, saved with each checkpoint.
 
-    epochs: int = 10
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    attention_lr: float | None = None  # None: the same as lr
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.0
-    label_smoothing: float = 0.1
-    clip_grad_norm: float | None = None
-    amp: bool = True  # mixed precision on CUDA; ignored on the CPU
-    seed: int = 0
-    workers: int = 2
+    Each field's ``metadata['help']`` describes it (and ``metadata['choices']``
+    lists the allowed values where there are few); ``tcnn-fx finetune`` and
+    ``tcnn-fx search`` generate one flag per field from them.
+    """
+
+    epochs: int = _field(10, "training epochs")
+    batch_size: int = _field(128, "training batch size per process (evaluation uses twice as many)")
+    optimizer: str = _field("sgd", "sgd (Nesterov momentum) or adamw", choices=OPTIMIZERS)
+    lr: float = _field(0.01, "peak learning rate after warm-up")
+    attention_lr: float | None = _field(
+        None, "peak learning rate of the new attention parameters (default: the same as lr)"
+    )
+    momentum: float = _field(0.9, "SGD (Nesterov) momentum")
+    weight_decay: float = _field(5e-4, "weight decay; not applied to norms, biases, gates, head centres, locality")
+    warmup_epochs: float = _field(1.0, "epochs of linear warm-up (fractions allowed)")
+    min_lr_ratio: float = _field(0.0, "the cosine decay ends at this fraction of the peak learning rate")
+    label_smoothing: float = _field(0.1, "label smoothing of the cross-entropy")
+    clip_grad_norm: float | None = _field(None, "clip the global gradient norm to this value (default: no clipping)")
+    amp: bool = _field(True, "mixed precision on CUDA (bfloat16, else float16); the CPU always trains in float32")
+    seed: int = _field(0, "seed of the data order, augmentation and anything else drawn at random while training")
+    workers: int = _field(2, "data-loading processes")
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:

@@ -1,0 +1,76 @@
+"""``tcnn-fx convert MODEL --policy P --out FILE``: rewrite, optionally verify and export to ONNX, save."""
+
+from __future__ import annotations
+
+from tcnn_fx import checkpoint
+from tcnn_fx.cli.arguments import add_model_arguments, add_policy_argument, add_submodule_argument
+from tcnn_fx.cli.common import check_output_file, console, load_model, outputs, parse_policy
+from tcnn_fx.errors import UsageError, VerificationError
+from tcnn_fx.export.onnx import SUPPORTED_OPSETS
+from tcnn_fx.meta import report_of
+from tcnn_fx.rewrite import rewrite
+from tcnn_fx.verify import verify
+
+SEED = (
+    "a spec model's random initial weights (those --weights does not load) and of the random example input the "
+    "model is traced, verified and checked in ONNX Runtime on"
+)
+
+
+def add_parser(commands) -> None:
+    sub = commands.add_parser("convert", help="convert, optionally verify, and save a hybrid")
+    add_model_arguments(sub, seed=SEED, example_batch=True)
+    add_submodule_argument(sub)
+    add_policy_argument(sub, "stage4", "the sites to convert (default stage4)")
+    sub.add_argument("--verify", action="store_true",
+                     help="compare with the original; on a mismatch, write nothing and exit with status 1")  # fmt: skip
+    sub.add_argument("--fold-norm", action="store_true", help="fold eval-mode batch norms into the layers")
+    sub.add_argument("--out", required=True, metavar="FILE",
+                     help="checkpoint to write, a safetensors file whatever its ending (load with tcnn_fx.load)")  # fmt: skip
+    sub.add_argument("--onnx", metavar="FILE", help="also export to this ONNX file and check it with ONNX Runtime")
+    sub.add_argument("--opset", type=int, default=18, choices=SUPPORTED_OPSETS, help="ONNX opset (default 18)")
+    sub.add_argument("--fp16", action="store_true", help="export half precision (weights, activations, I/O)")
+    sub.set_defaults(run=run)
+
+
+def run(args) -> None:
+    if args.module and args.onnx:
+        raise UsageError(
+            "--onnx exports whole classifiers; with --module, export the rewritten submodule from Python: "
+            "tcnn_fx.export.to_onnx(hybrid.get_submodule(MODULE), FILE, inputs)"
+        )
+    if args.fp16 and not args.onnx:
+        raise UsageError("--fp16 is a setting of the ONNX export: pass --onnx FILE too")
+    check_output_file(args.out, "--out")
+    check_output_file(args.onnx, "--onnx")
+    policy = parse_policy(args.policy)
+    model, inputs = load_model(args, example_batch=args.example_batch)
+    within = f" in '{args.module}'" if args.module else ""
+    with console.status(f"rewriting with policy {args.policy!r}{within}"):
+        hybrid = rewrite(model, policy, inputs, module=args.module, fold_norm=args.fold_norm, spec=args.model)
+    report = report_of(hybrid)
+    console.print(f"[bold]{args.model}[/]: {report.summary()}")
+    for name in report.converted:
+        console.print(f"  [green]converted[/] {name}")
+    for name, reason in report.skipped.items():
+        console.print(f"  [dim]skipped {name}: {reason}[/]")
+    if args.verify:
+        with console.status("verifying against the original"):
+            result = verify(model, hybrid, inputs)
+        console.print(result.table())
+        if not result.passed:
+            raise VerificationError(
+                f"{args.model}: the hybrid does not match the original (--verify; table above); nothing written"
+            )
+    with outputs() as files:
+        if args.onnx:
+            from tcnn_fx.export import to_onnx, verify_onnx
+
+            staged = files.stage(args.onnx)
+            with console.status(f"exporting to ONNX (opset {args.opset})"):
+                to_onnx(hybrid, staged, inputs, opset=args.opset, fp16=args.fp16)
+            with console.status("checking the ONNX file with ONNX Runtime"):
+                checks = verify_onnx(hybrid, staged, inputs)
+            console.print("\n".join(check.table() for check in checks))
+        checkpoint.save(hybrid, files.stage(args.out))
+    console.print(f"saved to {args.out}" + (f", exported to {args.onnx}" if args.onnx else ""))
