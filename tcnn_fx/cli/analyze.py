@@ -8,13 +8,13 @@ import torch
 
 from tcnn_fx.cli.arguments import add_model_arguments, positive_int
 from tcnn_fx.cli.common import (
-    check_output_file,
+    add_report_outputs,
+    check_report_outputs,
     console,
     evaluation_split,
     load_model,
     model_and_policy,
     outputs,
-    require_matplotlib,
 )
 
 SEED = "the image sample (balanced over classes) and, for a spec MODEL, its random initial weights"
@@ -27,8 +27,7 @@ def add_parser(commands) -> None:
                      help="dataset folder or .tar; images come from its val/ (or test/) split")  # fmt: skip
     sub.add_argument("--images", type=positive_int, default=256,
                      help="how many images, balanced over classes (default 256)")  # fmt: skip
-    sub.add_argument("--json", metavar="FILE", help="also write the table as JSON")
-    sub.add_argument("--plot", metavar="FILE", help="also write a PNG plot (needs matplotlib)")
+    add_report_outputs(sub, "also write the table as JSON", "also write a PNG plot (needs matplotlib)")
     sub.set_defaults(run=run)
 
 
@@ -36,9 +35,7 @@ def run(args) -> None:
     from tcnn_fx import analysis
     from tcnn_fx.training import balanced_subset
 
-    check_output_file(args.json, "--json")
-    check_output_file(args.plot, "--plot")
-    require_matplotlib("--plot", args.plot)
+    check_report_outputs(args)
     split, _ = evaluation_split(args)
     model, _ = load_model(args)
     per_class = max(1, args.images // len(split.classes))

@@ -9,13 +9,13 @@ from rich.table import Table
 
 from tcnn_fx.cli.arguments import add_model_arguments, add_policy_argument, comma_separated, positive_int
 from tcnn_fx.cli.common import (
-    check_output_file,
+    add_report_outputs,
+    check_report_outputs,
     console,
     load_model,
     model_and_policy,
     outputs,
     parse_policy,
-    require_matplotlib,
 )
 from tcnn_fx.cost import RATIOS
 from tcnn_fx.export.bench import RUNTIMES
@@ -34,17 +34,14 @@ def add_parser(commands) -> None:
                      help=f"comma-separated runtimes, from {', '.join(RUNTIMES)} (default all)")  # fmt: skip
     sub.add_argument("--rounds", type=positive_int, default=20,
                      help="timed rounds per batch size, the median reported (default 20)")  # fmt: skip
-    sub.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
-    sub.add_argument("--plot", metavar="FILE", help="also write a PNG plot of the ratios (needs matplotlib)")
+    add_report_outputs(sub, "also write the rows as JSON", "also write a PNG plot of the ratios (needs matplotlib)")
     sub.set_defaults(run=run)
 
 
 def run(args) -> None:
     from tcnn_fx.export.bench import bench, plot
 
-    check_output_file(args.json, "--json")
-    check_output_file(args.plot, "--plot")
-    require_matplotlib("--plot", args.plot)
+    check_report_outputs(args)
     policy = parse_policy(args.policy)
     model, inputs = load_model(args)
     with console.status(f"rewriting with policy {args.policy!r}"):

@@ -217,6 +217,19 @@ def check_output_folder(path: str, flag: str) -> Path:
     return path
 
 
+def add_report_outputs(sub, json_help: str, plot_help: str) -> None:
+    """``--json FILE`` and ``--plot FILE``, for commands that print a table and may also save it and a figure."""
+    sub.add_argument("--json", metavar="FILE", help=json_help)
+    sub.add_argument("--plot", metavar="FILE", help=plot_help)
+
+
+def check_report_outputs(args) -> None:
+    """``--json`` and ``--plot`` writable and matplotlib present for ``--plot``, before any work."""
+    check_output_file(args.json, "--json")
+    check_output_file(args.plot, "--plot")
+    require_matplotlib("--plot", args.plot)
+
+
 def require_matplotlib(flag: str, value: str | None) -> None:
     if value is not None and importlib.util.find_spec("matplotlib") is None:
         raise MissingDependencyError(f"{flag} {value} needs matplotlib: pip install matplotlib")
