@@ -45,7 +45,7 @@ from tcnn_fx import ConvAttention2d
 from tcnn_fx.export import to_onnx
 from tcnn_fx.export.onnx import _session
 from tcnn_fx.layers import native
-from tcnn_fx.layers.conv_attention import _gather_bmm, _gather_onednn
+from tcnn_fx.layers.backends import gather_bmm, gather_onednn
 from tcnn_fx.timing import count_flops, time_side_by_side
 
 #: (channels, input resolution, stride): the shapes the targets are stated for.
@@ -107,7 +107,7 @@ def gather_rates(rounds: int) -> dict:
     """
     heads, queries, channels, dim = 9, 196, 256, 28
     values, maps = torch.randn(8, channels, 14, 14), torch.rand(8, heads, queries, queries)
-    runners = {"bmm": lambda: _gather_bmm(values, maps), "onednn": lambda: _gather_onednn(values, maps)}
+    runners = {"bmm": lambda: gather_bmm(values, maps), "onednn": lambda: gather_onednn(values, maps)}
     kernel = native.attend_gather() if native.enabled() else None
     if kernel is not None:
         q, k = torch.randn(8, heads * dim, queries), torch.randn(8, heads * dim, queries)

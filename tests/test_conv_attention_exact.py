@@ -87,7 +87,7 @@ def test_inference_gather_matches_training_gather_and_convolution(kwargs, batch,
     # Float32 layers gather in the compiled kernel in inference, or without it (TCNN_FX_NATIVE=0) with a
     # oneDNN grouped convolution when wide, and with bmm under autograd; all must give the convolution.
     from tcnn_fx.layers import native
-    from tcnn_fx.layers.conv_attention import _gathers_with_onednn
+    from tcnn_fx.layers.backends import Backend, choose
 
     if not kernel:
         monkeypatch.setenv(native.SETTING, "0")
@@ -97,9 +97,10 @@ def test_inference_gather_matches_training_gather_and_convolution(kwargs, batch,
     x = torch.randn(batch, conv.in_channels, 11, 9)
     with torch.no_grad():
         expected, inferred = conv(x), layer(x)
-        onednn = _gathers_with_onednn(x)
+        backend = choose(x)
     trained = layer(x)
-    assert onednn == torch.backends.mkldnn.is_available()
+    assert backend is (Backend.KERNEL if kernel and native.enabled() else Backend.ONEDNN)  # wide: never bmm
+    assert choose(x) is Backend.TRAINING
     # Where PyTorch dispatches to AVX-512 the layer sums in the convolution's order (1e-6, measured: 0); on
     # AVX2 oneDNN picks other kernels for the projection than for the convolution at batch 1: float32
     # rounding of 1,152 terms, measured up to 1.5e-6 (docs/conv_attention.md).

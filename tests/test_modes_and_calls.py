@@ -12,7 +12,7 @@ from torch import nn
 import tcnn_fx
 from tcnn_fx import analysis
 from tcnn_fx.layers import ConvAttention2d
-from tcnn_fx.layers.conv_attention import INFERENCE_IMAGES
+from tcnn_fx.layers.backends import INFERENCE_IMAGES
 from tcnn_fx.modes import evaluating, restored_modes
 from tcnn_fx.specs import load_model
 from tcnn_fx.training.loop import evaluate_accuracy

@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import prune, skip_init
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from tcnn_fx.errors import InvalidInputError, UsageError
 from tcnn_fx.layers import native
+from tcnn_fx.layers.attention_backward import attend_gather
+from tcnn_fx.layers.backends import INFERENCE_IMAGES, LOG2_E, Backend, capturing, choose, gather_bmm, gather_onednn
 from tcnn_fx.layers.conv_geometry import ConvGeometry
 from tcnn_fx.layers.positional import positional_attention, relative_offsets
 from tcnn_fx.settings import DictSettings
@@ -146,11 +147,6 @@ def _shares_query_pixels(geometry: ConvGeometry, height: int, width: int) -> boo
     )
 
 
-def _capturing() -> bool:
-    """Whether the forward pass is being traced or compiled rather than run."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or is_in_torch_dispatch_mode()
-
-
 def conv2d_mismatch(conv: nn.Conv2d) -> str | None:
     """Why an ``nn.Conv2d`` does not compute ``F.conv2d`` of its own weights (a predicate phrase), or ``None``.
 
@@ -190,85 +186,6 @@ def _reject_unsupported(conv: nn.Module) -> None:
         raise UsageError(
             f"{type(conv).__name__}.weight is complex ({conv.weight.dtype}); only real dtypes are supported"
         )
-
-
-#: Images per call in CPU inference (the layer runs larger batches in chunks of this many).  For the
-#: oneDNN gather, measured over batches of 64-256 and 64-256 channels, 8 per call ran 1.4-3.9x faster
-#: than ``torch.bmm``, while one call for a whole batch of 128 or more ran slower than ``torch.bmm``;
-#: for the compiled kernel it bounds the gathered taps held at once (heads times the input's size).
-INFERENCE_IMAGES = 8
-#: The compiled kernel's softmax is base 2: queries are scaled by log2(e) to compensate.
-LOG2_E = math.log2(math.e)
-
-
-def _cpu_inference(x: Tensor) -> bool:
-    """Float32 CPU inference on a non-empty batch, outside autograd, tracing and compilation.
-
-    Where the layer's fast paths apply: under autograd it keeps the composed
-    operators (their backward is PyTorch's), and captured graphs must not fix
-    the batch size or call a compiled extension.
-    """
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and x.shape[0] > 0
-        and not torch.is_grad_enabled()
-        and not _capturing()
-    )
-
-
-def _gathers_with_onednn(values: Tensor) -> bool:
-    """Whether the gather runs as oneDNN grouped convolutions rather than ``torch.bmm``.
-
-    Same product; in float32 inference on the CPU with at least 128 channels
-    oneDNN's kernels outrun the BLAS (measured on AVX-512 at 8 images: 1.4-3x
-    for 128 and more channels, 0.9-2.2x at 64, where a CIFAR ResNet as a
-    whole ran slower, slower below, and slower in backward passes, so
-    training keeps ``bmm``).  Captured graphs keep ``bmm`` too: the grouped
-    form bakes the batch size into the graph.
-    """
-    return (
-        _cpu_inference(values)
-        and values.shape[1] >= 128
-        and torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled
-    )
-
-
-def _inference_kernel(x: Tensor):
-    """The compiled attention-and-gather kernel (``tcnn_fx.layers.native``) if it serves ``x``, else ``None``.
-
-    Float32 CPU inference, where the kernel is enabled and could be built.
-    """
-    return native.attend_gather() if _cpu_inference(x) else None
-
-
-def _gather_bmm(values: Tensor, maps: Tensor) -> Tensor:
-    """Every head's attention applied to every input channel: ``(B, C, heads, queries)``.
-
-    ``values`` is ``(B, C, rows, columns)``, ``maps`` ``(B, heads, queries, keys)``.
-    """
-    batch, channels = values.shape[:2]
-    heads, queries, keys = maps.shape[1:]
-    gathered = torch.bmm(values.reshape(batch, channels, keys), maps.reshape(batch, heads * queries, keys).mT)
-    return gathered.reshape(batch, channels, heads, queries)
-
-
-def _gather_onednn(values: Tensor, maps: Tensor) -> Tensor:
-    """``_gather_bmm``'s product as a oneDNN grouped 1x1 convolution: ``(1, C, B * heads, queries)``.
-
-    One group per image: pixels are the C channels, input channels the keys
-    (channels-last, so the values need no copy beyond images-inner order),
-    output channels the heads' queries, weights the maps themselves.  The
-    images end up along the rows.
-    """
-    batch, channels = values.shape[:2]
-    heads, queries, keys = maps.shape[1:]
-    # (Strides of the size-1 dimensions as permute leaves them: oneDNN takes other, equally valid
-    # channels-last strides for a different layout and runs 40x slower.)
-    pixels = values.reshape(batch, channels, keys).transpose(0, 1).reshape(1, channels, 1, batch * keys)
-    gathered = F.conv2d(pixels.permute(0, 3, 1, 2), maps.reshape(batch * heads * queries, keys, 1, 1), groups=batch)
-    return gathered.permute(0, 2, 3, 1).reshape(1, channels, batch * heads, queries)
 
 
 class ConvAttention2d(nn.Module):
@@ -483,7 +400,7 @@ class ConvAttention2d(nn.Module):
                 self.geometry, centres, locality, height, width, image_keys=self._image_keys
             ).to(dtype)
 
-        if _capturing() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        if capturing() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             return compute()
         return self._cached("positional", (height, width, dtype, *params), compute)
 
@@ -581,23 +498,27 @@ class ConvAttention2d(nn.Module):
         return torch.addcmul(base, content, weight, out=content if in_place else None)
 
     def forward(self, x: Tensor) -> Tensor:
-        kernel = _inference_kernel(x)
-        onednn = kernel is None and _gathers_with_onednn(x)
-        if (kernel is not None or onednn) and x.shape[0] > INFERENCE_IMAGES:
-            # A few images at a time (INFERENCE_IMAGES): the gathered taps held at once stay those of a few
-            # images.  The chunks run below the module call, so hooks see the call they were given.
-            return torch.cat([self._images(chunk, kernel, onednn) for chunk in x.split(INFERENCE_IMAGES)])
-        return self._images(x, kernel, onednn)
+        backend = choose(x)
+        if backend.chunks and x.shape[0] > INFERENCE_IMAGES:
+            # A few images at a time: the maps or gathered taps held at once stay those of a few images.  The
+            # chunks run below the module call, so hooks see the call they were given.
+            return torch.cat([self._images(chunk, backend) for chunk in x.split(INFERENCE_IMAGES)])
+        return self._images(x, backend)
 
-    def _images(self, x: Tensor, kernel, onednn: bool) -> Tensor:
-        """The layer's output on ``x`` by the compiled kernel, the oneDNN gather or the composed operators."""
-        if kernel is not None:
-            gathered, (out_h, out_w) = self._attend_gather(x, kernel)
+    def _images(self, x: Tensor, backend: Backend) -> Tensor:
+        """The layer's output on ``x``, its attention computed by ``backend`` (``tcnn_fx.layers.backends``)."""
+        if backend is Backend.KERNEL:
+            gathered, (out_h, out_w) = self._attend_gather(x, native.attend_gather())
+        elif backend is Backend.TRAINING:
+            queries, keys, (out_h, out_w) = self._pixels(x)
+            q, k = (t.unflatten(1, (self.num_heads, self.qk_dim)) for t in self._queries_keys(queries, keys))
+            positional = self._positional(x.shape[-2], x.shape[-1], x.dtype)
+            gathered = attend_gather(q, k, keys.flatten(2), positional, self.content_weight().to(x.dtype))
         else:
             values, positional, content, weight, (out_h, out_w) = self._attend(x)
             # In eager inference the mix overwrites the content map: one large allocation fewer.
-            combined = self._mix(positional, content, weight, in_place=not (torch.is_grad_enabled() or _capturing()))
-            gathered = (_gather_onednn if onednn else _gather_bmm)(values, combined)
+            combined = self._mix(positional, content, weight, in_place=not (torch.is_grad_enabled() or capturing()))
+            gathered = (gather_onednn if backend is Backend.ONEDNN else gather_bmm)(values, combined)
         out = self._project(gathered).reshape(x.shape[0], self.out_channels, out_h, out_w)
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             return out.contiguous(memory_format=torch.channels_last)  # as nn.Conv2d answers channels-last input
