@@ -63,7 +63,8 @@ def test_layer_gradients_equal_autograd_through_the_composed_operators(case, gat
         x = case.input(torch.float64)
         own, own_grads = layer_gradients(layer, x, True, monkeypatch)
         composed, composed_grads = layer_gradients(layer, x, False, monkeypatch)
-    assert torch.equal(own, composed)  # the same forward arithmetic
+    # The same attention arithmetic; the projection sums in another order (one product instead of a convolution).
+    assert (own - composed).abs().max() <= 1e-12 * composed.abs().max().clamp_min(1e-300)
     for name, expected in composed_grads.items():
         scale = expected.abs().max().clamp_min(1e-300)
         assert (own_grads[name] - expected).abs().max() / scale <= 1e-10, name
@@ -85,4 +86,4 @@ def test_training_uses_it_and_inference_does_not():
             seen.add(id(node))
             names.add(type(node).__name__)
             stack += [n for n, _ in node.next_functions]
-    assert "AttendGatherBackward" in names and not names & {"AddcmulBackward0", "BmmBackward0"}
+    assert "AttendGatherBackward" in names and "AddcmulBackward0" not in names  # the mix runs inside it

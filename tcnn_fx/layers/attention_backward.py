@@ -14,7 +14,12 @@ derives every gradient from ``dM = dG^T V`` in a few passes:
   the softmax backward's row term ``r = sum_k dM * A``;
 * ``dP = (1 - w) sum_b(dM)``;
 * ``dS = w A (dM - r)`` (the softmax backward), then ``dq = k dS^T`` and
-  ``dk = q dS``.
+  ``dk = q dS``, with the per-head ``w`` applied to those small products
+  rather than to the maps.
+
+The maps are walked four times in the backward (``dM * A`` in place of
+``dM``, its row sums, its batch sum, ``- A r`` in place) besides the
+products.
 
 Tested against autograd through the composed operators with
 ``torch.autograd.gradcheck`` in float64.
@@ -62,17 +67,20 @@ class AttendGather(torch.autograd.Function):
             mixed = _mix(attention, positional, weight).reshape(batch, heads * queries, keys)
             grad_values = torch.bmm(flat, mixed)
         grad_mixed = torch.bmm(flat.mT, values).reshape(batch, heads, queries, keys)  # dM
-        row = (grad_mixed * attention).sum(-1, keepdim=True)  # r: the softmax backward's row term
         summed = grad_mixed.sum(0) if needs[3] or needs[4] else None  # sum over the batch, (H, Q, K)
+        product = grad_mixed.mul_(attention)  # dM * A, in place of dM (dM itself is not needed again)
+        row = product.sum(-1, keepdim=True)  # r: the softmax backward's row term
         grad_positional = summed * (1 - weight)[:, None, None] if needs[3] else None
         grad_weight = None
         if needs[4]:
             grad_weight = row.sum((0, 2, 3)) - (summed * positional).sum((1, 2))
         grad_q = grad_k = None
         if needs[0] or needs[1]:
-            scores_grad = grad_mixed.sub_(row).mul_(attention).mul_(weight[:, None, None])  # dS, in place of dM
-            grad_q = torch.matmul(k, scores_grad.transpose(-1, -2)) if needs[0] else None
-            grad_k = torch.matmul(q, scores_grad) if needs[1] else None
+            # dS = w A (dM - r); w is per head, so it scales the small products below instead of the maps.
+            scores_grad = product.addcmul_(attention, row, value=-1)
+            scale = weight[:, None, None]
+            grad_q = torch.matmul(k, scores_grad.transpose(-1, -2)).mul_(scale) if needs[0] else None
+            grad_k = torch.matmul(q, scores_grad).mul_(scale) if needs[1] else None
         return grad_q, grad_k, grad_values, grad_positional, grad_weight
 
 

@@ -188,6 +188,13 @@ def _reject_unsupported(conv: nn.Module) -> None:
         )
 
 
+def _like_input(out: Tensor, x: Tensor) -> Tensor:
+    """``out`` in ``x``'s memory format, as ``nn.Conv2d`` answers channels-last input with channels-last output."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return out.contiguous(memory_format=torch.channels_last)
+    return out.contiguous()
+
+
 class ConvAttention2d(nn.Module):
     """Multi-head self-attention that equals an ``nn.Conv2d`` at initialisation.
 
@@ -514,15 +521,15 @@ class ConvAttention2d(nn.Module):
             q, k = (t.unflatten(1, (self.num_heads, self.qk_dim)) for t in self._queries_keys(queries, keys))
             positional = self._positional(x.shape[-2], x.shape[-1], x.dtype)
             gathered = attend_gather(q, k, keys.flatten(2), positional, self.content_weight().to(x.dtype))
+            out = self._project_product(gathered).reshape(x.shape[0], self.out_channels, out_h, out_w)
+            return _like_input(out, x)
         else:
             values, positional, content, weight, (out_h, out_w) = self._attend(x)
             # In eager inference the mix overwrites the content map: one large allocation fewer.
             combined = self._mix(positional, content, weight, in_place=not (torch.is_grad_enabled() or capturing()))
             gathered = (gather_onednn if backend is Backend.ONEDNN else gather_bmm)(values, combined)
         out = self._project(gathered).reshape(x.shape[0], self.out_channels, out_h, out_w)
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            return out.contiguous(memory_format=torch.channels_last)  # as nn.Conv2d answers channels-last input
-        return out.contiguous()
+        return _like_input(out, x)
 
     def _attend_gather(self, x: Tensor, kernel) -> tuple[Tensor, tuple[int, int]]:
         """What ``_attend``, ``_mix`` and ``_gather_onednn`` compute, in one compiled pass; and the output size.
@@ -549,6 +556,17 @@ class ConvAttention2d(nn.Module):
         projection = self.weight.reshape(self.out_channels, -1, self.num_heads, 1)
         out = F.conv2d(gathered, projection, self.bias, stride=(self.num_heads, 1), groups=self.groups)
         return out.transpose(1, 2).flatten(0, 1)
+
+    def _project_product(self, gathered: Tensor) -> Tensor:
+        """``_project`` as one matrix product per group, ``(B, C_out, queries)``: under autograd it runs forward
+        and backward faster than the strided convolution (docs/conv_attention.md, "Training"); it sums in its
+        own order, so at initialisation it equals the convolution within float32 rounding, not bit for bit."""
+        batch, channels, heads, queries = gathered.shape
+        per_group = channels // self.groups * heads
+        weight = self.weight.reshape(self.groups, self.out_channels // self.groups, per_group)
+        out = torch.matmul(weight, gathered.reshape(batch, self.groups, per_group, queries))
+        out = out.reshape(batch, self.out_channels, queries)
+        return out if self.bias is None else out + self.bias[:, None]
 
     def attention(self, x: Tensor) -> AttentionMaps:
         """The attention maps this layer applies to ``x`` (detached), with the offsets to measure them."""
