@@ -43,8 +43,9 @@ class AttendGather(torch.autograd.Function):
     def forward(q: Tensor, k: Tensor, values: Tensor, positional: Tensor, weight: Tensor) -> Tensor:
         batch, channels, keys = values.shape
         heads, queries = positional.shape[:2]
-        attention = torch.matmul(q.transpose(-1, -2), k).softmax(dim=-1)  # (B, H, Q, K)
-        mixed = _mix(attention, positional, weight)
+        scores = torch.matmul(q.transpose(-1, -2), k)  # (B, H, Q, K)
+        attention = scores.softmax(dim=-1)
+        mixed = _mix(attention, positional, weight, out=scores)  # the scores' memory: one large allocation fewer
         gathered = torch.bmm(values, mixed.reshape(batch, heads * queries, keys).mT)
         return gathered.reshape(batch, channels, heads, queries), attention
 
@@ -54,19 +55,23 @@ class AttendGather(torch.autograd.Function):
         _, attention = output
         ctx.save_for_backward(q, k, values, positional, weight, attention)
         ctx.mark_non_differentiable(attention)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the (non-differentiable) softmax output
 
     @staticmethod
     def backward(ctx, grad: Tensor, _attention_grad: Tensor | None):
+        if grad is None:  # the gathered output did not reach the loss
+            return None, None, None, None, None
         q, k, values, positional, weight, attention = ctx.saved_tensors
         batch, channels, keys = values.shape
         heads, queries = positional.shape[:2]
         flat = grad.reshape(batch, channels, heads * queries)
         needs = ctx.needs_input_grad
-        grad_values = None
+        grad_values, buffer = None, None
         if needs[2]:
-            mixed = _mix(attention, positional, weight).reshape(batch, heads * queries, keys)
-            grad_values = torch.bmm(flat, mixed)
-        grad_mixed = torch.bmm(flat.mT, values).reshape(batch, heads, queries, keys)  # dM
+            buffer = _mix(attention, positional, weight).reshape(batch, heads * queries, keys)
+            grad_values = torch.bmm(flat, buffer)
+        # dM, into the rebuilt mix's memory once dV has used it.
+        grad_mixed = torch.bmm(flat.mT, values, out=buffer).reshape(batch, heads, queries, keys)
         summed = grad_mixed.sum(0) if needs[3] or needs[4] else None  # sum over the batch, (H, Q, K)
         product = grad_mixed.mul_(attention)  # dM * A, in place of dM (dM itself is not needed again)
         row = product.sum(-1, keepdim=True)  # r: the softmax backward's row term
@@ -84,9 +89,10 @@ class AttendGather(torch.autograd.Function):
         return grad_q, grad_k, grad_values, grad_positional, grad_weight
 
 
-def _mix(attention: Tensor, positional: Tensor, weight: Tensor) -> Tensor:
-    """``(1 - w) P + w A`` per head, ``(B, H, Q, K)``."""
-    return torch.addcmul((positional * (1 - weight)[:, None, None]).unsqueeze(0), attention, weight[:, None, None])
+def _mix(attention: Tensor, positional: Tensor, weight: Tensor, out: Tensor | None = None) -> Tensor:
+    """``(1 - w) P + w A`` per head, ``(B, H, Q, K)``, into ``out`` if given."""
+    base = (positional * (1 - weight)[:, None, None]).unsqueeze(0)
+    return torch.addcmul(base, attention, weight[:, None, None], out=out)
 
 
 def attend_gather(q: Tensor, k: Tensor, values: Tensor, positional: Tensor, weight: Tensor) -> Tensor:
