@@ -30,6 +30,8 @@ def add_parser(commands) -> None:
     sub.add_argument("--onnx", metavar="FILE", help="also export to this ONNX file and check it with ONNX Runtime")
     sub.add_argument("--opset", type=int, default=18, choices=SUPPORTED_OPSETS, help="ONNX opset (default 18)")
     sub.add_argument("--fp16", action="store_true", help="export half precision (weights, activations, I/O)")
+    sub.add_argument("--verbose", action="store_true",
+                     help="show ONNX Runtime's own log messages (warnings and above; by default only its errors)")  # fmt: skip
     sub.set_defaults(run=run)
 
 
@@ -70,7 +72,7 @@ def run(args) -> None:
             with console.status(f"exporting to ONNX (opset {args.opset})"):
                 to_onnx(hybrid, staged, inputs, opset=args.opset, fp16=args.fp16)
             with console.status("checking the ONNX file with ONNX Runtime"):
-                checks = verify_onnx(hybrid, staged, inputs)
+                checks = verify_onnx(hybrid, staged, inputs, log_level="warning" if args.verbose else "error")
             console.print("\n".join(check.table() for check in checks))
         checkpoint.save(hybrid, files.stage(args.out))
     console.print(f"saved to {args.out}" + (f", exported to {args.onnx}" if args.onnx else ""))

@@ -143,8 +143,13 @@ class OnnxCheck:
         return "\n".join(lines)
 
 
-def _session(path: Path, provider: str, *, spinning: bool = True):
-    """An ONNX Runtime session on exactly ``provider``.
+#: ONNX Runtime's log severities by name: its own warnings (e.g. that it cannot constant-fold a float16
+#: ``Mul`` on the CPU, once per node) are shown only when asked for.
+LOG_LEVELS = {"verbose": 0, "info": 1, "warning": 2, "error": 3, "fatal": 4}
+
+
+def _session(path: Path, provider: str, *, spinning: bool = True, log_level: str = "error"):
+    """An ONNX Runtime session on exactly ``provider``, logging at ``log_level`` and above.
 
     ``spinning=False`` stops idle worker threads from spinning, so that they
     do not slow down other code timed between runs.
@@ -156,7 +161,10 @@ def _session(path: Path, provider: str, *, spinning: bool = True):
     available = ort.get_available_providers()
     if provider not in available:
         raise MissingDependencyError(f"ONNX Runtime provider {provider} is not available; available: {available}")
+    if log_level not in LOG_LEVELS:
+        raise InvalidInputError(f"ONNX Runtime log level {log_level!r} is not one of {list(LOG_LEVELS)}")
     options = ort.SessionOptions()
+    options.log_severity_level = LOG_LEVELS[log_level]
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     settings = {"use_tf32": "0"} if provider == "CUDAExecutionProvider" else {}  # exact float32 products
@@ -197,6 +205,7 @@ def verify_onnx(
     providers: tuple[str, ...] = ("CPUExecutionProvider",),
     rtol: float | None = None,
     atol: float = 0.0,
+    log_level: str = "error",
 ) -> list[OnnxCheck]:
     """Run ``path`` with ONNX Runtime on each provider and compare with ``model`` in eval mode.
 
@@ -207,14 +216,15 @@ def verify_onnx(
     per-output table when an output's relative error exceeds ``rtol`` (and its
     absolute error ``atol``): a ``VerificationError`` (an ``AssertionError``).
     A file ONNX Runtime cannot load or run on ``inputs`` is an
-    ``InvalidInputError`` naming it.
+    ``InvalidInputError`` naming it.  ``log_level`` (``'verbose'``, ``'info'``,
+    ``'warning'``, ``'error'``, ``'fatal'``) is what ONNX Runtime itself prints.
     """
     with evaluating(model), torch.no_grad():
         expected = model(*inputs)
     expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
     checks = []
     for provider in providers:
-        session = _session(Path(path), provider)
+        session = _session(Path(path), provider, log_level=log_level)
         half = any(i.type == "tensor(float16)" for i in session.get_inputs())
         default = 1e-2 if half else (1e-5 if provider == "CPUExecutionProvider" else 1e-4)
         tolerance = rtol if rtol is not None else default
