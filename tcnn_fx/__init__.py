@@ -3,7 +3,9 @@
 from tcnn_fx import export, meta
 from tcnn_fx.capture import CaptureError, capture
 from tcnn_fx.checkpoint import load, save
+from tcnn_fx.errors import TcnnFxError
 from tcnn_fx.layers import AttentionMaps, ConvAttention2d, ConvAttentionConfig, ConvGeometry, ConvStem
+from tcnn_fx.meta import recipe_of, report_of
 from tcnn_fx.passes.attention_init import (
     AttentionInitReport,
     impulse_init,
@@ -14,8 +16,6 @@ from tcnn_fx.passes.attention_init import (
 from tcnn_fx.passes.conv_stem import ConvStemReport, conv_stem
 from tcnn_fx.passes.vit import ViTPasses, apply_vit_passes, measure_impulse_mass
 from tcnn_fx.policy import Plan, Policy, PolicyError
-from tcnn_fx.errors import TcnnFxError
-from tcnn_fx.meta import recipe_of, report_of
 from tcnn_fx.recipe import RewriteRecipe, RewriteReport
 from tcnn_fx.rewrite import rewrite, trace
 from tcnn_fx.sites import Site, find_sites, site_graph

@@ -116,9 +116,8 @@ def conv_stem(
     flops_before = _forward_flops(original, example_inputs)
     params_before = sum(p.numel() for p in original.parameters())
     new = ConvStem(stem.in_channels, widths, stem.embed_dim, bias=stem.bias).to(old.weight.device, old.weight.dtype)
-    with torch.no_grad():
-        with evaluating(new):  # the example must not move the new batch norms
-            after = new(example_inputs[0]).shape
+    with torch.no_grad(), evaluating(new):  # the example must not move the new batch norms
+        after = new(example_inputs[0]).shape
     new.train(old.training)  # a fresh stem: it follows the mode of the one it replaces
     if after != before:
         raise TokenModelError(
