@@ -89,8 +89,9 @@ def to_onnx(
     """Export ``model`` (in eval mode) to ``path`` as ONNX; returns the path.
 
     ``dynamic_batch`` makes the first dimension of every input symbolic, so
-    one file serves any batch size; the spatial size is the one of
-    ``example_inputs``.  ``fp16`` exports a half-precision copy (weights,
+    one file serves any batch size, whatever the example's (a batch of one
+    is traced as two: the exporter would otherwise fix it); the spatial size
+    is the one of ``example_inputs``.  ``fp16`` exports a half-precision copy (weights,
     activations, inputs and outputs; the positional maps are computed in
     float32 before they are folded, and the content softmax runs in float32).
     ``ort_fusions`` applies onnxscript's ONNX Runtime fusions and records how
@@ -112,6 +113,8 @@ def to_onnx(
     if dynamic_batch:
         batch = torch.export.Dim("batch")
         dynamic_shapes = tuple({0: batch} for _ in example_inputs)
+        # torch.export specialises a dimension of size 1 (and fixed the file to batch 1): trace at batch 2.
+        example_inputs = tuple(_at_least_two(x) for x in example_inputs)
     with evaluating(model):
         program = _export(model, example_inputs, opset, dynamic_shapes, optimize)
     onnx_model = program.model
@@ -124,6 +127,11 @@ def to_onnx(
     with atomic_write(path) as temporary:
         ir.save(onnx_model, temporary)
     return path
+
+
+def _at_least_two(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with a batch of at least two: a batch of one is repeated (the exported graph does not depend on it)."""
+    return torch.cat([x, x]) if x.dim() and x.shape[0] == 1 else x
 
 
 @dataclass(frozen=True)
