@@ -272,12 +272,14 @@ class Policy:
                 "(tcnn_fx.meta.model_cost(graph)), or pass the graph tcnn_fx.trace returned: plan(graph)"
             )
         taken: list[Site] = []
+        hybrid = cost  # of the sites taken so far
         for site in sorted(chosen, key=lambda s: (-s.stage, sites.index(s))):
-            trial = cost.hybrid([*taken, site])
+            trial = hybrid.hybrid([site])
             if self.max_flop_ratio is not None and trial.flops > self.max_flop_ratio * cost.flops:
                 skipped[site.name] = f"over the FLOP budget (ratio {self.max_flop_ratio})"
             elif self.max_param_ratio is not None and trial.params > self.max_param_ratio * cost.params:
                 skipped[site.name] = f"over the parameter budget (ratio {self.max_param_ratio})"
             else:
                 taken.append(site)
+                hybrid = trial
         return sorted(taken, key=sites.index)

@@ -164,11 +164,11 @@ class SiteTable:
     def __init__(self, sites: list[Site]):
         self.sites = list(sites)
         self.by_name = {site.name: site for site in self.sites}
-        self.stages = [stage.index for stage in stage_table(self.sites)] if self.sites else []
-        self._describe = lambda: ", ".join(stage.describe() for stage in stage_table(self.sites))
+        self.table = stage_table(self.sites) if self.sites else []
+        self.stages = [stage.index for stage in self.table]
 
     def describe_stages(self) -> str:
-        return self._describe() if self.sites else "none (the model has no convolution)"
+        return ", ".join(stage.describe() for stage in self.table) or "none (the model has no convolution)"
 
 
 def validate(node: Node, table: SiteTable) -> None:
