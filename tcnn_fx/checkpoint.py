@@ -36,6 +36,7 @@ from tcnn_fx.layers import ConvAttentionConfig
 from tcnn_fx.policy import Policy
 from tcnn_fx.recipe import RewriteRecipe
 from tcnn_fx.rewrite import rewrite
+from tcnn_fx.specs import build, file_digest, is_file_spec, replace_head
 
 FORMAT = "tcnn_fx/2"
 LEGACY_FORMAT = "tcnn_fx/1"
@@ -112,8 +113,6 @@ def load(path: str | Path, model: nn.Module | None = None, *, trust_model_file: 
     Python file is only run with ``trust_model_file=True``, and only if the
     file's SHA-256 is the one recorded.  ``model`` itself is not changed.
     """
-    from tcnn_fx.specs import build, file_digest, is_file_spec, replace_head
-
     recipe, legacy_state = _open(path)
     if model is None:
         if not recipe.spec:

@@ -57,9 +57,9 @@ def trace(
         nodes[site.node].meta[meta.SITE] = site
     sites += find_leaf_sites(graph_module, config)
     graph_module.meta[meta.SITES] = sites
-    batch = example_inputs[0].shape[0] if example_inputs[0].dim() else 1
+    batch = max(example_inputs[0].shape[0], 1) if example_inputs[0].dim() else 1
     graph_module.meta[meta.COST] = ModelCost(
-        flops=graph_module.meta[meta.FLOPS] // max(batch, 1), params=sum(p.numel() for p in graph_module.parameters())
+        flops=graph_module.meta[meta.FLOPS] // batch, params=sum(p.numel() for p in graph_module.parameters())
     )
     return graph_module
 
