@@ -3,12 +3,14 @@
 import onnx
 import pytest
 import torch
+from models import TinyResNet
 from torch import nn
 
 import tcnn_fx
-from models import TinyResNet
 from tcnn_fx.cli import main
 from tcnn_fx.export import ExportError, to_onnx, verify_onnx
+from tcnn_fx.export.bench import with_content_weight
+from tcnn_fx.export.lowering import Lowering
 from tcnn_fx.models import cifar_resnet
 
 
@@ -29,14 +31,19 @@ def test_export_runs_at_any_batch_and_matches(hybrid, exported):
         assert check.passed and check.outputs[0].max_rel <= 1e-5
 
 
-def test_exported_graph_is_plain_onnx_with_folded_positional_attention(hybrid, exported):
+def test_exported_graph_is_plain_onnx(hybrid, exported, tmp_path):
     model = onnx.load(str(exported))
     onnx.checker.check_model(model)
     ops = [node.op_type for node in model.graph.node]
     assert {node.domain for node in model.graph.node} <= {"", "ai.onnx"}  # no custom ops
-    assert "Einsum" not in ops
-    # One softmax per converted layer (content attention): the positional maps are constants.
-    assert ops.count("Softmax") == len(tcnn_fx.report_of(hybrid).converted)
+    assert "Einsum" not in ops and "Softmax" not in ops  # as converted, every layer is its convolution
+    # With the gates open, the layer's own graph at a fixed size: one softmax per layer (content attention),
+    # the positional maps constants.
+    opened = with_content_weight(hybrid, 0.2)
+    own = Lowering(positional="maps", content="matmul")
+    path = to_onnx(opened, tmp_path / "o.onnx", (torch.randn(2, 3, 32, 32),), lowering=own, dynamic_resolution=False)
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count("Softmax") == len(tcnn_fx.report_of(hybrid).converted) and "Einsum" not in ops
     metadata = {p.key: p.value for p in model.metadata_props}
     assert metadata["base_model"] == "cifar:resnet20" and metadata["opset"] == "18"
     assert '"select": "last"' in metadata["policy"] and metadata["tcnn_fx_version"] == tcnn_fx.__version__
@@ -44,7 +51,7 @@ def test_exported_graph_is_plain_onnx_with_folded_positional_attention(hybrid, e
 
 @pytest.mark.parametrize("opset", [18, 19, 20, 21, 22, 23])
 def test_opsets(opset, tmp_path):
-    model = tcnn_fx.rewrite(TinyResNet().eval(), "all", (torch.randn(1, 3, 16, 16),))
+    model = with_content_weight(tcnn_fx.rewrite(TinyResNet().eval(), "all", (torch.randn(1, 3, 16, 16),)), 0.2)
     path = to_onnx(model, tmp_path / "t.onnx", (torch.randn(2, 3, 16, 16),), opset=opset)
     assert onnx.load(str(path)).opset_import[0].version == opset
     assert verify_onnx(model, path, (torch.randn(3, 3, 16, 16),))[0].passed
@@ -103,12 +110,14 @@ def test_model_zoo_exports_and_matches_onnx_runtime(spec, policy, tmp_path):
     model = build(spec).eval()
     hybrid = tcnn_fx.rewrite(model, policy, (torch.randn(2, 3, 96, 96),))
     assert tcnn_fx.report_of(hybrid).converted
+    hybrid = with_content_weight(hybrid, 0.2)  # as after fine-tuning: the content branch is exported too
     path = to_onnx(hybrid, tmp_path / "m.onnx", (torch.randn(2, 3, 96, 96),))
-    (check,) = verify_onnx(hybrid, path, (torch.randn(4, 3, 96, 96),))
+    (check,) = verify_onnx(hybrid, path, (torch.randn(3, 3, 128, 80),))  # another batch and size
     assert check.outputs[0].max_rel <= 1e-5
 
 
 def test_fp16_export(hybrid, tmp_path):
+    hybrid = with_content_weight(hybrid, 0.2)
     path = to_onnx(hybrid, tmp_path / "h16.onnx", (torch.randn(2, 3, 32, 32),), fp16=True)
     model = onnx.load(str(path))
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16

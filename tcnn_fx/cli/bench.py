@@ -21,6 +21,8 @@ from tcnn_fx.cost import RATIOS
 from tcnn_fx.export.bench import RUNTIMES
 from tcnn_fx.rewrite import rewrite
 
+#: Every head's content weight in the timed hybrid: open, as after fine-tuning (the gates start at 0).
+CONTENT_WEIGHT = 0.1
 SEED = "a spec model's random initial weights (those --weights does not load) and of the random example input"
 
 
@@ -32,6 +34,9 @@ def add_parser(commands) -> None:
                      help="comma-separated batch sizes to time (default 1,8)")  # fmt: skip
     sub.add_argument("--runtime", type=comma_separated(str, RUNTIMES), default=RUNTIMES, metavar="NAME,NAME",
                      help=f"comma-separated runtimes, from {', '.join(RUNTIMES)} (default all)")  # fmt: skip
+    sub.add_argument("--content-weight", type=float, default=CONTENT_WEIGHT, metavar="W",
+                     help="time the hybrid with every head's content weight at W, as after fine-tuning (default "
+                          f"{CONTENT_WEIGHT}); 0 times it as converted, where its ONNX file is the CNN's graph")  # fmt: skip
     sub.add_argument("--rounds", type=positive_int, default=20,
                      help="timed rounds per batch size, the median reported (default 20)")  # fmt: skip
     add_report_outputs(sub, "also write the rows as JSON", "also write a PNG plot of the ratios (needs matplotlib)")
@@ -48,9 +53,11 @@ def run(args) -> None:
         hybrid = rewrite(model, policy, inputs, spec=args.model)
     batches, runtimes = args.batch_sizes, args.runtime
     with console.status(f"timing CNN and hybrid at batch sizes {batches} on {runtimes}"):
-        rows = bench(model, hybrid, tuple(inputs[0].shape[1:]), batches=batches, runtimes=runtimes, rounds=args.rounds)
+        rows = bench(model, hybrid, tuple(inputs[0].shape[1:]), batches=batches, runtimes=runtimes, rounds=args.rounds,
+                     content_weight=args.content_weight)  # fmt: skip
     table = Table(
-        title=f"{args.model}, policy {args.policy!r}, {inputs[0].shape[-1]}px, {torch.get_num_threads()} threads",
+        title=f"{args.model}, policy {args.policy!r}, {inputs[0].shape[-1]}px, {torch.get_num_threads()} threads, "
+        f"content weight {args.content_weight:g}",
         caption=f"FLOP ratio: {RATIOS}",
     )
     for column in ("batch", "runtime", "CNN ms", "hybrid ms", "hybrid / CNN", "FLOP ratio", "runtime / torch"):

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from tcnn_fx import checkpoint
-from tcnn_fx.cli.arguments import add_model_arguments, add_policy_argument, add_submodule_argument
+from tcnn_fx.cli.arguments import (
+    add_model_arguments,
+    add_policy_argument,
+    add_settings_arguments,
+    add_submodule_argument,
+    settings_from_args,
+)
 from tcnn_fx.cli.common import check_output_file, console, load_model, outputs, parse_policy
 from tcnn_fx.errors import UsageError, VerificationError
+from tcnn_fx.export.lowering import Lowering
 from tcnn_fx.export.onnx import SUPPORTED_OPSETS
 from tcnn_fx.meta import report_of
 from tcnn_fx.rewrite import rewrite
@@ -30,6 +37,11 @@ def add_parser(commands) -> None:
     sub.add_argument("--onnx", metavar="FILE", help="also export to this ONNX file and check it with ONNX Runtime")
     sub.add_argument("--opset", type=int, default=18, choices=SUPPORTED_OPSETS, help="ONNX opset (default 18)")
     sub.add_argument("--fp16", action="store_true", help="export half precision (weights, activations, I/O)")
+    sub.add_argument("--fixed-resolution", action="store_true",
+                     help="fix the ONNX file's height and width to the example's (positional maps folded into "
+                          "constants); by default the file runs at any size the model accepts")  # fmt: skip
+    group = sub.add_argument_group("ONNX lowering (tcnn_fx.export.lowering.Lowering, one flag per field)")
+    add_settings_arguments(group, Lowering)
     sub.add_argument("--verbose", action="store_true",
                      help="show ONNX Runtime's own log messages (warnings and above; by default only its errors)")  # fmt: skip
     sub.set_defaults(run=run)
@@ -41,8 +53,13 @@ def run(args) -> None:
             "--onnx exports whole classifiers; with --module, export the rewritten submodule from Python: "
             "tcnn_fx.export.to_onnx(hybrid.get_submodule(MODULE), FILE, inputs)"
         )
-    if args.fp16 and not args.onnx:
-        raise UsageError("--fp16 is a setting of the ONNX export: pass --onnx FILE too")
+    onnx_flags = {"--fp16": args.fp16, "--fixed-resolution": args.fixed_resolution}
+    onnx_flags |= {f"--{f}": getattr(args, f) != getattr(Lowering(), f) for f in ("target", "positional", "content")}
+    if not args.onnx and any(onnx_flags.values()):
+        given = [flag for flag, set_ in onnx_flags.items() if set_]
+        raise UsageError(f"{', '.join(given)}: settings of the ONNX export; pass --onnx FILE too")
+    lowering = settings_from_args(Lowering, args)
+    lowering.check_opset(args.opset)
     check_output_file(args.out, "--out")
     check_output_file(args.onnx, "--onnx")
     policy = parse_policy(args.policy)
@@ -70,7 +87,8 @@ def run(args) -> None:
 
             staged = files.stage(args.onnx)
             with console.status(f"exporting to ONNX (opset {args.opset})"):
-                to_onnx(hybrid, staged, inputs, opset=args.opset, fp16=args.fp16)
+                to_onnx(hybrid, staged, inputs, opset=args.opset, fp16=args.fp16, lowering=lowering,
+                        dynamic_resolution=not args.fixed_resolution)  # fmt: skip
             with console.status("checking the ONNX file with ONNX Runtime"):
                 checks = verify_onnx(hybrid, staged, inputs, log_level="warning" if args.verbose else "error")
             console.print("\n".join(check.table() for check in checks))

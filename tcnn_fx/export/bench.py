@@ -8,6 +8,8 @@ folder with ``to_onnx`` and checked with ``verify_onnx`` before timing.
 
 from __future__ import annotations
 
+import copy
+import math
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,8 +18,10 @@ import torch
 from torch import nn
 
 from tcnn_fx.errors import InvalidInputError
+from tcnn_fx.export.lowering import Lowering
 from tcnn_fx.export.onnx import _session, to_onnx, verify_onnx
 from tcnn_fx.files import atomic_write
+from tcnn_fx.layers.conv_attention import ConvAttention2d
 from tcnn_fx.meta import report_of
 from tcnn_fx.modes import evaluating
 from tcnn_fx.timing import time_side_by_side
@@ -54,13 +58,21 @@ def bench(
     warmup: int = 3,
     rounds: int = 20,
     min_seconds: float = 1.0,
+    content_weight: float | None = None,
+    lowering: Lowering | None = None,
 ) -> list[BenchRow]:
     """Time ``model`` and ``hybrid`` (from ``tcnn_fx.rewrite``) at each batch size and runtime.
 
     ``input_shape`` is one example's shape without the batch, e.g. ``(3, 224, 224)``.
     At least ``rounds`` interleaved rounds, more until the timed calls took
     ``min_seconds`` together (small models take milliseconds per call).
+    ``content_weight`` times a copy of the hybrid with every head's content
+    weight set to it (``with_content_weight``): a hybrid as converted adds
+    nothing through its content branch, and its ONNX file is the CNN's graph;
+    a fine-tuned one has opened its gates.  ``lowering`` is passed to ``to_onnx``.
     """
+    if content_weight is not None:
+        hybrid = with_content_weight(hybrid, content_weight)
     unknown = set(runtimes) - set(RUNTIMES)
     if unknown:
         raise InvalidInputError(f"unknown runtimes {sorted(unknown)}; choose from {RUNTIMES}")
@@ -71,14 +83,14 @@ def bench(
         if "ort" in runtimes:
             example = (torch.randn(2, *input_shape),)
             for name, module in (("cnn", model), ("hybrid", hybrid)):
-                path = to_onnx(module, Path(folder) / f"{name}.onnx", example)
+                path = to_onnx(module, Path(folder) / f"{name}.onnx", example, lowering=lowering)
                 verify_onnx(module, path, example, providers=(provider,))
                 sessions[name] = _session(path, provider, spinning=False)
         for batch in batches:
             x = torch.randn(batch, *input_shape)
             fns = {}
             if "torch" in runtimes:
-                fns |= {("torch", "cnn"): lambda: model(x), ("torch", "hybrid"): lambda: hybrid(x)}
+                fns |= {("torch", "cnn"): lambda x=x: model(x), ("torch", "hybrid"): lambda x=x: hybrid(x)}
             for name, session in sessions.items():
                 feeds = {session.get_inputs()[0].name: x.numpy()}
                 fns[("ort", name)] = lambda s=session, f=feeds: s.run(None, f)
@@ -91,6 +103,29 @@ def bench(
                     )
                 )
     return rows
+
+
+def with_content_weight(hybrid: nn.Module, weight: float) -> nn.Module:
+    """A copy of ``hybrid`` with every attention head's content weight set to ``weight``, for timing.
+
+    What a fine-tuned hybrid computes (every head's content branch open),
+    without fine-tuning it; the model's outputs change, its cost is that of a
+    trained one.  ``weight`` is in [0, 1] (strictly inside for sigmoid gates).
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise InvalidInputError(f"content weight must be in [0, 1], got {weight!r}")
+    hybrid = copy.deepcopy(hybrid)
+    with torch.no_grad():
+        for layer in hybrid.modules():
+            if not isinstance(layer, ConvAttention2d):
+                continue
+            if layer.config.gate == "linear":
+                layer.gate.fill_(weight)
+            elif 0.0 < weight < 1.0:  # content weight 1 - sigmoid(gate)
+                layer.gate.fill_(math.log((1 - weight) / weight))
+            else:
+                raise InvalidInputError(f"a sigmoid gate cannot give content weight {weight!r}; use 0 < w < 1")
+    return hybrid
 
 
 def plot(rows: list[BenchRow], path: str | Path, title: str = "") -> None:

@@ -1,19 +1,19 @@
 """ONNX export with torch's dynamo exporter, and verification with ONNX Runtime.
 
-``to_onnx`` captures the model with ``torch.export``, translates it to ONNX
-and runs onnxscript's optimiser, which folds what does not depend on the input
-(the positional attention of every layer at the exported resolution) into
-constants.  The file is written atomically: a failed export leaves nothing at
+``to_onnx`` chooses each attention layer's graph (``lowering``), captures
+the model with ``torch.export`` (batch, height and width symbolic by
+default), translates it to ONNX and runs onnxscript's optimiser, which folds
+what does not depend on the input into constants.  The file is written atomically: a failed export leaves nothing at
 ``path``.  ``verify_onnx`` runs the file with ONNX Runtime and compares with
 PyTorch.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from tcnn_fx.errors import (
     UnwritablePathError,
     VerificationError,
 )
+from tcnn_fx.export.lowering import Lowering, lowered, plan
 from tcnn_fx.files import atomic_write
 from tcnn_fx.modes import evaluating
 from tcnn_fx.verify import Comparison, compare
@@ -59,20 +60,21 @@ def _metadata(model: nn.Module, opset: int) -> dict[str, str]:
     return data
 
 
-def _export(model: nn.Module, example_inputs: tuple, opset: int, dynamic_shapes, optimize: bool):
+def _capture(model: nn.Module, example_inputs: tuple, dynamic_shapes) -> torch.export.ExportedProgram:
+    """``torch.export`` (non-strict, as the ONNX exporter captures): its guards say what the code assumes of sizes."""
     try:
-        return torch.onnx.export(
-            model,
-            example_inputs,
-            dynamo=True,
-            opset_version=opset,
-            dynamic_shapes=dynamic_shapes,
-            optimize=optimize,
-            external_data=False,
-            verbose=False,
-        )
+        return torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as error:
         raise ExportError(f"cannot export {type(model).__name__} to ONNX: {_one_line(error)}") from error
+
+
+def _translate(program: torch.export.ExportedProgram, name: str, opset: int, optimize: bool):
+    try:
+        return torch.onnx.export(
+            program, dynamo=True, opset_version=opset, optimize=optimize, external_data=False, verbose=False
+        )
+    except Exception as error:
+        raise ExportError(f"cannot export {name} to ONNX: {_one_line(error)}") from error
 
 
 def to_onnx(
@@ -82,6 +84,8 @@ def to_onnx(
     *,
     opset: int = 18,
     dynamic_batch: bool = True,
+    dynamic_resolution: bool = True,
+    lowering: Lowering | None = None,
     optimize: bool = True,
     fp16: bool = False,
     ort_fusions: bool = False,
@@ -90,34 +94,60 @@ def to_onnx(
 
     ``dynamic_batch`` makes the first dimension of every input symbolic, so
     one file serves any batch size, whatever the example's (a batch of one
-    is traced as two: the exporter would otherwise fix it); the spatial size
-    is the one of ``example_inputs``.  ``fp16`` exports a half-precision copy (weights,
-    activations, inputs and outputs; the positional maps are computed in
-    float32 before they are folded, and the content softmax runs in float32).
-    ``ort_fusions`` applies onnxscript's ONNX Runtime fusions and records how
-    many fired.  The model's rewrite report, if any, is recorded in the file's
-    metadata (tcnn_fx version, base model, policy, opset).
+    is traced as two: the exporter would otherwise fix it).
+    ``dynamic_resolution`` makes the dimensions after the channels symbolic
+    too (height and width of images): the positional maps are then computed
+    in the graph from the runtime shape, so one file serves every size the
+    model accepts.  What the model's code assumes of the sizes (torch.export's
+    guards) is recorded in the metadata (``size_conditions``), and an
+    equation among them (a flattened map's length) is a warning: the file is
+    right only at sizes that satisfy it.  ``dynamic_resolution=False`` fixes them to the
+    example's, and the maps are folded into constants.
+
+    ``lowering`` (``tcnn_fx.export.lowering.Lowering``) says how each
+    attention layer is written: its positional branch as a ``Conv`` where
+    the maps are one-hot, its content branch skipped where every content
+    weight is zero, else as ``MatMul-Softmax-MatMul`` or the ``Attention`` op
+    (opset >= 23), chosen per layer by a cost model for its ``target``.
+    The choices are recorded in the file's metadata (``lowering``).
+
+    ``fp16`` exports a half-precision copy (weights, activations, inputs and
+    outputs; the positional maps are computed in float32, and the content
+    softmax runs in float32).  ``ort_fusions`` applies onnxscript's ONNX
+    Runtime fusions and records how many fired.  The model's rewrite report,
+    if any, is recorded in the file's metadata (tcnn_fx version, base model,
+    policy, opset), as are the symbolic dimensions (``dynamic_axes``).
     """
     if opset not in SUPPORTED_OPSETS:
         raise InvalidInputError(f"opset {opset} is not supported; use one of {list(SUPPORTED_OPSETS)}")
+    lowering = lowering if lowering is not None else Lowering()
+    lowering.check_opset(opset)
     path = Path(path)
     if not path.parent.is_dir():
         raise MissingFileError(f"cannot write {path}: directory {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK):
         raise UnwritablePathError(f"cannot write {path}: directory {path.parent} is not writable")
     metadata = _metadata(model, opset) | {"fp16": str(fp16).lower()}
+    choices = plan(model, example_inputs, lowering, opset)
+    metadata["lowering"] = json.dumps({"options": lowering.to_dict()} | {n: c.to_dict() for n, c in choices.items()})
+    model = lowered(model, choices)  # a copy
     if fp16:
-        model = copy.deepcopy(model).half()
+        model = model.half()
         example_inputs = tuple(x.half() if x.is_floating_point() else x for x in example_inputs)
-    dynamic_shapes = None
+    dynamic_shapes = _dynamic_shapes(example_inputs, dynamic_batch, dynamic_resolution)
     if dynamic_batch:
-        batch = torch.export.Dim("batch")
-        dynamic_shapes = tuple({0: batch} for _ in example_inputs)
         # torch.export specialises a dimension of size 1 (and fixed the file to batch 1): trace at batch 2.
         example_inputs = tuple(_at_least_two(x) for x in example_inputs)
     with evaluating(model):
-        program = _export(model, example_inputs, opset, dynamic_shapes, optimize)
-    onnx_model = program.model
+        captured = _capture(model, example_inputs, dynamic_shapes)
+    onnx_model = _translate(captured, type(model).__name__, opset, optimize).model
+    _name_dimensions(onnx_model, captured)
+    axes = _symbolic_axes(onnx_model)
+    conditions = _size_conditions(captured)
+    metadata["dynamic_axes"] = json.dumps(axes)
+    metadata["size_conditions"] = json.dumps(conditions)
+    if dynamic_resolution:
+        _warn_tied(conditions)
     if ort_fusions:
         from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
@@ -127,6 +157,72 @@ def to_onnx(
     with atomic_write(path) as temporary:
         ir.save(onnx_model, temporary)
     return path
+
+
+def _dynamic_shapes(example_inputs: tuple, batch: bool, resolution: bool):
+    """``torch.export``'s dynamic shapes: the batch named, the dimensions after the channels left to export
+    (``Dim.AUTO``: symbolic unless the model's code needs one size)."""
+    if not (batch or resolution):
+        return None
+    shapes = []
+    for x in example_inputs:
+        dims = {0: torch.export.Dim("batch")} if batch and x.dim() else {}
+        if resolution:
+            dims |= {axis: torch.export.Dim.AUTO for axis in range(2, x.dim())}
+        shapes.append(dims)
+    return tuple(shapes)
+
+
+def _name_dimensions(onnx_model, captured: torch.export.ExportedProgram) -> None:
+    """Name the graph's symbolic dimensions after the inputs' axes (``batch``, ``height``, ``width``; prefixed
+    by the input's name where there are several), in place of the exporter's ``s77``-style symbols."""
+    inputs = [n for n in captured.graph.nodes if n.op == "placeholder" and n.name in captured.graph_signature.user_inputs]
+    names = {}
+    for node in inputs:
+        prefix = f"{node.name}_" if len(inputs) > 1 else ""
+        shape = node.meta["val"].shape
+        axis_names = {0: "batch"} | ({2: "height", 3: "width"} if len(shape) == 4 else {})
+        for axis, size in enumerate(shape):
+            if isinstance(size, torch.SymInt):
+                names.setdefault(str(size), prefix + axis_names.get(axis, f"dim{axis}"))
+    values = list(onnx_model.graph.inputs) + list(onnx_model.graph.outputs)
+    values += [v for node in ir.traversal.RecursiveGraphIterator(onnx_model.graph) for v in node.outputs]
+    for value in values:
+        if value.shape is not None and any(isinstance(d, ir.SymbolicDim) and d.value in names for d in value.shape):
+            value.shape = ir.Shape(
+                [ir.SymbolicDim(names.get(d.value, d.value)) if isinstance(d, ir.SymbolicDim) else d for d in value.shape]
+            )
+
+
+def _symbolic_axes(onnx_model) -> dict[str, dict[str, str]]:
+    """Each graph input's symbolic dimensions, by axis: ``{'x': {'0': 'batch', '2': 's53', ...}}``."""
+    return {
+        value.name: {str(axis): str(dim) for axis, dim in enumerate(value.shape) if not isinstance(dim, int)}
+        for value in onnx_model.graph.inputs
+    }
+
+
+def _size_conditions(captured: torch.export.ExportedProgram) -> list[str]:
+    """What the model's code assumes of the symbolic sizes, as ``torch.export`` recorded it (its guards).
+
+    The file computes the model's function where these hold (a branch taken
+    on a size, a flattened map's length); ONNX Runtime does not check them.
+    Empty where this torch records none (``_guards_code`` is not public API).
+    """
+    return list(getattr(captured, "_guards_code", None) or [])
+
+
+def _warn_tied(conditions: list[str]) -> None:
+    """Warn about every equation the model's code imposes on the input sizes: the file is right at those only."""
+    equations = [c for c in conditions if "==" in c]
+    if equations:
+        warnings.warn(
+            f"the model's code ties its input sizes to {equations} (torch.export's guards): the ONNX file computes "
+            "the model only at sizes that satisfy them (recorded in its metadata, size_conditions); pass "
+            "dynamic_resolution=False to fix the size to the example's",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _at_least_two(x: torch.Tensor) -> torch.Tensor:
