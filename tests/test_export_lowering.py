@@ -226,3 +226,18 @@ def test_a_width_the_model_needs_is_named(tmp_path):
     with pytest.warns(UserWarning, match=r"ties its input sizes to .*size\(\)\[3\] == 8"):
         path = to_onnx(Pinned().eval(), tmp_path / "p.onnx", (torch.randn(2, 3, 8, 8),))
     assert json.loads(_metadata(path)["dynamic_axes"])["x"] == {"0": "batch", "2": "height", "3": "width"}
+
+
+def test_a_runtime_without_an_op_is_named(tmp_path):
+    import onnx.helper as helper
+
+    node = helper.make_node("Attention", ["x", "x", "x"], ["y"], domain="tcnn_fx.missing")
+    value = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 3, 4])
+    graph = helper.make_graph([node], "g", [value], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("tcnn_fx.missing", 1)]
+    )
+    model.ir_version = 10
+    onnx.save(model, tmp_path / "m.onnx")
+    with pytest.raises(RuntimeError, match=r"ONNX Runtime .* cannot run .*m.onnx on CPUExecutionProvider.*Attention"):
+        verify_onnx(nn.Identity(), tmp_path / "m.onnx", (torch.randn(1, 2, 3, 4),))

@@ -1,5 +1,7 @@
 """ONNX export of rewritten models, checked against ONNX Runtime."""
 
+import json
+
 import onnx
 import pytest
 import torch
@@ -86,9 +88,12 @@ def test_mismatch_raises_with_the_table(hybrid, exported):
 
 def test_cli_convert_exports_onnx(tmp_path, capsys):
     main(["convert", "cifar:resnet20", "--policy", "last", "--out", str(tmp_path / "h.pt"),
-          "--onnx", str(tmp_path / "h.onnx")])  # fmt: skip
+          "--onnx", str(tmp_path / "h.onnx"), "--target", "gpu", "--opset", "23", "--fixed-resolution"])  # fmt: skip
     assert "CPUExecutionProvider: passed" in capsys.readouterr().out
-    assert onnx.load(str(tmp_path / "h.onnx")).graph.node
+    model = onnx.load(str(tmp_path / "h.onnx"))
+    metadata = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(metadata["lowering"])["options"]["target"] == "gpu"
+    assert json.loads(metadata["dynamic_axes"])["x"] == {"0": "batch"}  # height and width fixed
 
 
 @pytest.mark.parametrize(

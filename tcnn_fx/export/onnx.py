@@ -252,6 +252,11 @@ class OnnxCheck:
 LOG_LEVELS = {"verbose": 0, "info": 1, "warning": 2, "error": 3, "fatal": 4}
 
 
+#: How ONNX Runtime says that it lacks an op, a kernel for it on the provider, or the file's format version.
+RUNTIME_GAPS = ("is not a registered function/op", "No Op registered", "Could not find an implementation",
+                "Unsupported model IR version")  # fmt: skip
+
+
 def _session(path: Path, provider: str, *, spinning: bool = True, log_level: str = "error"):
     """An ONNX Runtime session on exactly ``provider``, logging at ``log_level`` and above.
 
@@ -277,6 +282,11 @@ def _session(path: Path, provider: str, *, spinning: bool = True, log_level: str
     try:
         session = ort.InferenceSession(str(path), options, providers=[(provider, settings)])
     except Exception as error:
+        if any(sign in str(error) for sign in RUNTIME_GAPS):
+            raise MissingDependencyError(
+                f"ONNX Runtime {ort.__version__} cannot run {path} on {provider}: {_one_line(error)}; export with "
+                "what it supports (opset 18, lowering content='matmul') or install a newer onnxruntime"
+            ) from error
         raise InvalidInputError(f"ONNX Runtime cannot load {path}: {_one_line(error)}") from error
     if session.get_providers()[0] != provider:
         raise MissingDependencyError(
