@@ -21,6 +21,20 @@ The maps are walked four times in the backward (``dM * A`` in place of
 ``dM``, its row sums, its batch sum, ``- A r`` in place) besides the
 products.
 
+Both directions are registered with PyTorch as operators
+(``torch.library.custom_op``) with fake implementations that state their
+outputs' shapes: ``tcnn_fx::attend_gather_training`` (the forward, returning
+the gathered channels and the softmax kept for the backward) with this
+backward as its autograd formula (``torch.library.register_autograd``), and
+``tcnn_fx::attend_gather_training_backward``.  ``torch.compile`` therefore
+captures the whole core as one call in the forward graph and one in the
+backward graph, running this backward, instead of tracing an autograd
+function.  Eager code calls the same two functions from ``AttendGather``,
+an autograd function, without the dispatcher: in torch 2.14 a custom
+operator's registered formula does not compose with ``torch.func``
+transforms (its generated autograd function has no ``setup_context``),
+while ``AttendGather`` does.  One forward, one backward, two ways in.
+
 Tested against autograd through the composed operators with
 ``torch.autograd.gradcheck`` in float64.
 """
@@ -36,18 +50,14 @@ class AttendGather(torch.autograd.Function):
 
     ``q`` ``(B, H, d, Q)``, ``k`` ``(B, H, d, K)`` (queries already scaled),
     ``values`` ``(B, C, K)``, ``positional`` ``(H, Q, K)``, ``weight``
-    ``(H,)``.  Returns ``(B, C, H, Q)``.
+    ``(H,)``.  Returns the gathered channels ``(B, C, H, Q)`` and the content
+    attention ``(B, H, Q, K)`` (not differentiable).  Its ``setup_context``
+    is also that of the operator's registered autograd formula.
     """
 
     @staticmethod
-    def forward(q: Tensor, k: Tensor, values: Tensor, positional: Tensor, weight: Tensor) -> Tensor:
-        batch, channels, keys = values.shape
-        heads, queries = positional.shape[:2]
-        scores = torch.matmul(q.transpose(-1, -2), k)  # (B, H, Q, K)
-        attention = scores.softmax(dim=-1)
-        mixed = _mix(attention, positional, weight, out=scores)  # the scores' memory: one large allocation fewer
-        gathered = torch.bmm(values, mixed.reshape(batch, heads * queries, keys).mT)
-        return gathered.reshape(batch, channels, heads, queries), attention
+    def forward(q: Tensor, k: Tensor, values: Tensor, positional: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+        return _forward(q, k, values, positional, weight)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -58,35 +68,100 @@ class AttendGather(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # no zero-filled gradient for the (non-differentiable) softmax output
 
     @staticmethod
-    def backward(ctx, grad: Tensor, _attention_grad: Tensor | None):
-        if grad is None:  # the gathered output did not reach the loss
-            return None, None, None, None, None
-        q, k, values, positional, weight, attention = ctx.saved_tensors
-        batch, channels, keys = values.shape
-        heads, queries = positional.shape[:2]
-        flat = grad.reshape(batch, channels, heads * queries)
-        needs = ctx.needs_input_grad
-        grad_values, buffer = None, None
-        if needs[2]:
-            buffer = _mix(attention, positional, weight).reshape(batch, heads * queries, keys)
-            grad_values = torch.bmm(flat, buffer)
-        # dM, into the rebuilt mix's memory once dV has used it.
-        grad_mixed = torch.bmm(flat.mT, values, out=buffer).reshape(batch, heads, queries, keys)
-        summed = grad_mixed.sum(0) if needs[3] or needs[4] else None  # sum over the batch, (H, Q, K)
-        product = grad_mixed.mul_(attention)  # dM * A, in place of dM (dM itself is not needed again)
-        row = product.sum(-1, keepdim=True)  # r: the softmax backward's row term
-        grad_positional = summed * (1 - weight)[:, None, None] if needs[3] else None
-        grad_weight = None
-        if needs[4]:
-            grad_weight = row.sum((0, 2, 3)) - (summed * positional).sum((1, 2))
-        grad_q = grad_k = None
-        if needs[0] or needs[1]:
-            # dS = w A (dM - r); w is per head, so it scales the small products below instead of the maps.
-            scores_grad = product.addcmul_(attention, row, value=-1)
-            scale = weight[:, None, None]
-            grad_q = torch.matmul(k, scores_grad.transpose(-1, -2)).mul_(scale) if needs[0] else None
-            grad_k = torch.matmul(q, scores_grad).mul_(scale) if needs[1] else None
-        return grad_q, grad_k, grad_values, grad_positional, grad_weight
+    def backward(ctx, grad: Tensor | None, _attention_grad: Tensor | None):
+        return _gradients(ctx, grad, _backward)
+
+
+def _forward(q: Tensor, k: Tensor, values: Tensor, positional: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """The gathered channels ``(B, C, H, Q)`` and the content attention ``(B, H, Q, K)``."""
+    batch, channels, keys = values.shape
+    heads, queries = positional.shape[:2]
+    scores = torch.matmul(q.transpose(-1, -2), k)  # (B, H, Q, K)
+    attention = scores.softmax(dim=-1)
+    mixed = _mix(attention, positional, weight, out=scores)  # the scores' memory: one large allocation fewer
+    gathered = torch.bmm(values, mixed.reshape(batch, heads * queries, keys).mT)
+    return gathered.reshape(batch, channels, heads, queries), attention
+
+
+def _backward(
+    grad: Tensor,
+    q: Tensor,
+    k: Tensor,
+    values: Tensor,
+    positional: Tensor,
+    weight: Tensor,
+    attention: Tensor,
+    needs: list[bool],
+) -> list[Tensor]:
+    """The gradients of the inputs ``q, k, values, positional, weight`` flagged in ``needs``, in that order."""
+    batch, channels, keys = values.shape
+    heads, queries = positional.shape[:2]
+    flat = grad.reshape(batch, channels, heads * queries)
+    grad_values, buffer = None, None
+    if needs[2]:
+        buffer = _mix(attention, positional, weight).reshape(batch, heads * queries, keys)
+        grad_values = torch.bmm(flat, buffer)
+    # dM, into the rebuilt mix's memory once dV has used it.
+    grad_mixed = torch.bmm(flat.mT, values, out=buffer).reshape(batch, heads, queries, keys)
+    summed = grad_mixed.sum(0) if needs[3] or needs[4] else None  # sum over the batch, (H, Q, K)
+    product = grad_mixed.mul_(attention)  # dM * A, in place of dM (dM itself is not needed again)
+    row = product.sum(-1, keepdim=True)  # r: the softmax backward's row term
+    grad_positional = summed * (1 - weight)[:, None, None] if needs[3] else None
+    grad_weight = None
+    if needs[4]:
+        grad_weight = row.sum((0, 2, 3)) - (summed * positional).sum((1, 2))
+    grad_q = grad_k = None
+    if needs[0] or needs[1]:
+        # dS = w A (dM - r); w is per head, so it scales the small products below instead of the maps.
+        scores_grad = product.addcmul_(attention, row, value=-1)
+        scale = weight[:, None, None]
+        grad_q = torch.matmul(k, scores_grad.transpose(-1, -2)).mul_(scale) if needs[0] else None
+        grad_k = torch.matmul(q, scores_grad).mul_(scale) if needs[1] else None
+    grads = (grad_q, grad_k, grad_values, grad_positional, grad_weight)
+    return [g for g, wanted in zip(grads, needs, strict=True) if wanted]
+
+
+def _gradients(ctx, grad: Tensor | None, backward) -> tuple[Tensor | None, ...]:
+    """The five inputs' gradients from ``backward`` (``_backward`` or its operator), ``None`` where not needed."""
+    needs = list(ctx.needs_input_grad[:5])
+    if grad is None or not any(needs):  # the gathered output did not reach the loss
+        return None, None, None, None, None
+    grads = iter(backward(grad, *ctx.saved_tensors, needs))
+    return tuple(next(grads) if wanted else None for wanted in needs)
+
+
+_forward_op = torch.library.custom_op("tcnn_fx::attend_gather_training", _forward, mutates_args=())
+_backward_op = torch.library.custom_op("tcnn_fx::attend_gather_training_backward", _backward, mutates_args=())
+
+
+@_forward_op.register_fake
+def _(q: Tensor, k: Tensor, values: Tensor, positional: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    batch, channels, keys = values.shape
+    heads, queries = positional.shape[:2]
+    return values.new_empty((batch, channels, heads, queries)), q.new_empty((batch, heads, queries, keys))
+
+
+@_backward_op.register_fake
+def _(
+    grad: Tensor,
+    q: Tensor,
+    k: Tensor,
+    values: Tensor,
+    positional: Tensor,
+    weight: Tensor,
+    attention: Tensor,
+    needs: list[bool],
+) -> list[Tensor]:
+    inputs = (q, k, values, positional, weight)
+    return [t.new_empty(t.shape) for t, wanted in zip(inputs, needs, strict=True) if wanted]
+
+
+def _registered_backward(ctx, grad: Tensor | None, _attention_grad: Tensor | None):
+    """``AttendGather.backward`` as the operator's formula: through the backward operator, one call in a graph."""
+    return _gradients(ctx, grad, torch.ops.tcnn_fx.attend_gather_training_backward.default)
+
+
+_forward_op.register_autograd(_registered_backward, setup_context=AttendGather.setup_context)
 
 
 def _mix(attention: Tensor, positional: Tensor, weight: Tensor, out: Tensor | None = None) -> Tensor:
@@ -96,5 +171,12 @@ def _mix(attention: Tensor, positional: Tensor, weight: Tensor, out: Tensor | No
 
 
 def attend_gather(q: Tensor, k: Tensor, values: Tensor, positional: Tensor, weight: Tensor) -> Tensor:
-    """``AttendGather`` applied: the gathered channels ``(B, C, H, Q)``."""
+    """The gathered channels ``(B, C, H, Q)``, differentiable with the backward above.
+
+    Under ``torch.compile`` through the operator, so the compiler sees one
+    operator rather than an autograd function to trace; otherwise through
+    ``AttendGather``.
+    """
+    if torch.compiler.is_dynamo_compiling():
+        return torch.ops.tcnn_fx.attend_gather_training.default(q, k, values, positional, weight)[0]
     return AttendGather.apply(q, k, values, positional, weight)[0]

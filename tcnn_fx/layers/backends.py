@@ -4,16 +4,37 @@ The layer keeps its parameters and the reference math; this module holds
 the ways of running the attention core and the one rule that picks among
 them:
 
-* ``KERNEL``: the compiled attention-and-gather kernel (``native``) for
-  float32 CPU inference where it is enabled and could be built;
+* ``KERNEL``: the compiled attention-and-gather kernel, the operator
+  ``tcnn_fx::attend_gather`` (``native``), for float32 CPU inference where
+  it is enabled and could be built;
 * ``ONEDNN``: composed operators with the gather as oneDNN grouped
-  convolutions, for float32 CPU inference with at least 128 channels;
-* ``TRAINING``: ``attention_backward.AttendGather`` under autograd in float32
-  or float64 without autocast (the composed forward, a leaner backward);
+  convolutions, for eager float32 CPU inference with at least 128 channels;
+* ``TRAINING``: the operator ``tcnn_fx::attend_gather_training``
+  (``attention_backward``) under autograd in float32 or float64 without
+  autocast (the composed forward, a leaner backward);
 * ``COMPOSED``: PyTorch operators and ``torch.bmm`` for everything else:
-  graphs being captured (tracing, export, compilation must see plain
-  operators and must not fix the batch size), half precision, autocast, GPU
-  inference.
+  half precision, autocast, GPU inference, and graphs captured for use
+  outside PyTorch.
+
+How each kind of capture runs the layer:
+
+* ``torch.compile`` (TorchDynamo tracing for a compiled callable): as eager
+  code would, ``KERNEL`` and ``TRAINING`` included, because both are
+  registered operators with fake implementations, which the compiler keeps
+  as single calls: ``TRAINING`` puts one call per layer in the forward graph
+  and one (the hand-written backward) in the backward graph, ``KERNEL`` one
+  per layer and chunk of ``INFERENCE_IMAGES`` images, as in eager code.
+  ``ONEDNN`` becomes ``COMPOSED``: its grouped convolutions, one group per
+  image, are a layout chosen for eager oneDNN calls; the compiler plans the
+  composed gather itself.
+* ``torch.export`` (strict, through TorchDynamo, or non-strict, under a fake
+  tensor mode), hence ``torch.onnx.export`` (which exports through
+  ``torch.export``, or traces with ``torch.jit.trace``), ``torch.jit.trace``,
+  ``torch.fx`` symbolic tracing and ``make_fx`` (a dispatch mode): always
+  ``COMPOSED``.  Their graphs leave PyTorch, and the ONNX exporter (like any
+  consumer without this package) cannot translate ``tcnn_fx`` operators, so
+  exported graphs must hold PyTorch's own operators only; those graphs must
+  not fix the batch size either (the chunked inference backends would).
 
 Every backend computes the same function (tested against each other and
 against the convolution at initialisation).  The measurements behind the
@@ -28,6 +49,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from tcnn_fx.layers import native
@@ -53,21 +75,41 @@ class Backend(enum.Enum):
 
 
 def capturing() -> bool:
-    """Whether the forward pass is being traced, exported or compiled rather than run."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or is_in_torch_dispatch_mode()
+    """Whether the forward pass is being traced, exported or compiled rather than run (nothing may be cached)."""
+    return (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or is_fx_symbolic_tracing()
+        or is_in_torch_dispatch_mode()
+    )
+
+
+def exporting() -> bool:
+    """Whether the forward pass is being captured into a graph that must hold PyTorch's own operators only.
+
+    Every capture but ``torch.compile``'s: under TorchDynamo only a strict
+    ``torch.export``; otherwise any capture ``capturing`` detects (non-strict
+    export runs the module under a fake tensor mode, with the compiling flag
+    set).
+    """
+    if torch.compiler.is_dynamo_compiling():
+        return torch.compiler.is_exporting()
+    return capturing()
 
 
 def choose(x: Tensor) -> Backend:
     """The backend for a forward pass on ``x`` (``(B, C, H, W)``) in the current autograd and capture state."""
-    if capturing():
+    if exporting():
         return Backend.COMPOSED
     if torch.is_grad_enabled():
         trainable = x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type)
         return Backend.TRAINING if trainable else Backend.COMPOSED
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[0] == 0:
         return Backend.COMPOSED
-    if native.attend_gather() is not None:
+    if native.available():
         return Backend.KERNEL
+    if capturing():  # torch.compile: the oneDNN layout is for eager calls
+        return Backend.COMPOSED
     if x.shape[1] >= ONEDNN_CHANNELS and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
         return Backend.ONEDNN
     return Backend.COMPOSED

@@ -433,9 +433,7 @@ class ConvAttention2d(nn.Module):
         """
 
         def compute() -> tuple[Tensor, Tensor]:
-            weight = self.content_weight().float().contiguous()
-            base = self._positional(height, width, torch.float32) * (1 - weight)[:, None, None]
-            return F.pad(base.transpose(1, 2), (0, -base.shape[1] % native.QUERY_BLOCK)).contiguous(), weight
+            return native.kernel_operands(self._positional(height, width, torch.float32), self.content_weight().float())
 
         return self._cached("kernel", (height, width, self.centres, self.locality, self.gate), compute)
 
@@ -540,7 +538,12 @@ class ConvAttention2d(nn.Module):
         """
         queries, keys, out_size = self._pixels(x)
         q, k = self._queries_keys(queries, keys, scale=LOG2_E)
-        base, weight = self._kernel_maps(x.shape[-2], x.shape[-1])
+        height, width = x.shape[-2:]
+        if capturing():  # torch.compile: a cache keyed on storages cannot live in a graph; computed in it
+            positional = self._positional(height, width, torch.float32)
+            base, weight = native.kernel_operands(positional, self.content_weight().float())
+        else:
+            base, weight = self._kernel_maps(height, width)
         return kernel(q, k, keys.flatten(2), base, weight, self.num_heads).unsqueeze(0), out_size
 
     def _project(self, gathered: Tensor) -> Tensor:

@@ -19,6 +19,15 @@ processors compose PyTorch operators.  ``TCNN_FX_NATIVE=1`` uses it on any
 processor, ``0`` never.  Without a compiler, or where the build or the load
 fails (one warning says why), layers compose PyTorch operators instead: the
 same results to float32 rounding.
+
+The kernel is registered with PyTorch as the operator
+``tcnn_fx::attend_gather`` (``torch.library.custom_op``) with a fake
+implementation that states its output's shape, so ``torch.compile`` puts
+it in its graph as one opaque call rather than breaking the graph at a
+pybind function.  Registering costs nothing: the build still happens on
+the operator's first real call.  The operator has no autograd formula (it
+serves inference only) and no ONNX translation, which is why exported
+graphs never contain it (``backends.choose``).
 """
 
 from __future__ import annotations
@@ -32,6 +41,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tcnn_fx.errors import MissingDependencyError
 
 #: Environment variable: ``0`` keeps every layer on PyTorch operators (no build); ``1`` uses the kernel on any
 #: processor; unset (or ``auto``), only where PyTorch dispatches to AVX-512.
@@ -93,18 +106,52 @@ def _module():
         return None
 
 
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """Whether layers use the kernel here: enabled, and built (the first call builds it, warning if it cannot).
+
+    ``torch.compile`` evaluates this once, while tracing, and keeps the answer
+    in the compiled code: changing ``TCNN_FX_NATIVE`` later does not change
+    what an already compiled model runs.
+    """
+    return enabled() and _module() is not None
+
+
 def attend_gather() -> Callable | None:
-    """The kernel, or ``None`` where it is disabled or unavailable.
+    """The kernel as the operator ``torch.ops.tcnn_fx.attend_gather``, or ``None`` where it is disabled or unavailable.
 
     ``attend_gather(q, k, values, base_t, weight, heads)``: ``q`` ``(B, heads * d, Q)``
     and ``k`` ``(B, heads * d, K)`` with any strides, queries scaled by
-    ``log2(e) / sqrt(d)``; ``values`` ``(B, C, K)`` with unit stride along the keys;
+    ``log2(e) / sqrt(d)``; ``values`` ``(B, C, K)``;
     ``base_t`` ``(heads, K, Qpad)``: each head's positional map times
     ``1 - weight``, transposed, zero-padded to a multiple of ``QUERY_BLOCK`` queries;
     ``weight`` ``(heads,)``, the content weights.  Returns ``(C, B * heads, Q)``,
     float32 CPU tensors throughout.
     """
-    if not enabled():
-        return None
+    return torch.ops.tcnn_fx.attend_gather.default if available() else None
+
+
+def kernel_operands(positional: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """The kernel's ``base_t`` and ``weight`` from positional maps ``(heads, Q, K)`` and content weights ``(heads,)``."""
+    base = positional * (1 - weight)[:, None, None]
+    return F.pad(base.transpose(1, 2), (0, -base.shape[1] % QUERY_BLOCK)).contiguous(), weight.contiguous()
+
+
+@torch.library.custom_op("tcnn_fx::attend_gather", mutates_args=(), device_types="cpu")
+def _attend_gather(q: Tensor, k: Tensor, values: Tensor, base_t: Tensor, weight: Tensor, heads: int) -> Tensor:
+    """The operator's implementation: the built kernel, on operands in the layouts it reads."""
     module = _module()
-    return None if module is None else module.attend_gather
+    if module is None:
+        raise MissingDependencyError(
+            f"tcnn_fx::attend_gather was called but its kernel could not be built (see the warning); "
+            f"set {SETTING}=0 to use PyTorch operators"
+        )
+    # A compiled graph may hand over other strides than eager code does: the kernel needs unit stride along
+    # the keys of the values and contiguous positional operand and weights (free when they already are).
+    values = values if values.stride(2) == 1 else values.contiguous()
+    return module.attend_gather(q, k, values, base_t.contiguous(), weight.contiguous(), heads)
+
+
+@_attend_gather.register_fake
+def _(q: Tensor, k: Tensor, values: Tensor, base_t: Tensor, weight: Tensor, heads: int) -> Tensor:
+    return q.new_empty((values.shape[1], q.shape[0] * heads, q.shape[2]))
