@@ -99,9 +99,10 @@ def to_onnx(
     too (height and width of images): the positional maps are then computed
     in the graph from the runtime shape, so one file serves every size the
     model accepts.  What the model's code assumes of the sizes (torch.export's
-    guards) is recorded in the metadata (``size_conditions``), and an
-    equation among them (a flattened map's length) is a warning: the file is
-    right only at sizes that satisfy it.  ``dynamic_resolution=False`` fixes them to the
+    guards) is recorded in the metadata (``size_conditions``); one that pins
+    the sizes (it fails when the example's height and width grow by one or
+    double: a flattened map's length) is a warning: the file is right only
+    at sizes that satisfy it.  ``dynamic_resolution=False`` fixes them to the
     example's, and the maps are folded into constants.
 
     ``lowering`` (``tcnn_fx.export.lowering.Lowering``) says how each
@@ -147,7 +148,7 @@ def to_onnx(
     metadata["dynamic_axes"] = json.dumps(axes)
     metadata["size_conditions"] = json.dumps(conditions)
     if dynamic_resolution:
-        _warn_tied(conditions)
+        _warn_tied(conditions, captured, example_inputs)
     if ort_fusions:
         from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
@@ -212,13 +213,42 @@ def _size_conditions(captured: torch.export.ExportedProgram) -> list[str]:
     return list(getattr(captured, "_guards_code", None) or [])
 
 
-def _warn_tied(conditions: list[str]) -> None:
-    """Warn about every equation the model's code imposes on the input sizes: the file is right at those only."""
-    equations = [c for c in conditions if "==" in c]
-    if equations:
+class _Shape:
+    """An input as a guard reads it (``L['x'].size()[2]``): its shape only."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = torch.Size(shape)
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+
+def _holds(condition: str, shapes: dict[str, tuple[int, ...]]) -> bool:
+    """Whether one of torch.export's guards (Python over ``L[name].size()``) holds for inputs of ``shapes``.
+
+    The guards are code torch generated from the model's own forward (sizes,
+    arithmetic, ``torch.sym_min`` ...); one it cannot evaluate counts as
+    not holding.
+    """
+    try:
+        return bool(eval(condition, {"__builtins__": {}, "torch": torch}, {"L": {n: _Shape(s) for n, s in shapes.items()}}))
+    except Exception:  # noqa: BLE001 (an unreadable guard is reported, not trusted)
+        return False
+
+
+def _warn_tied(conditions: list[str], captured: torch.export.ExportedProgram, example_inputs: tuple) -> None:
+    """Warn about every guard that pins the input sizes: one that fails at the example's sizes grown by one pixel
+    or doubled, after the channels (an equation such as a flattened map's length; ``H * W == W * H`` is not)."""
+    names = list(captured.graph_signature.user_inputs)
+    probes = [
+        {n: tuple(d if axis < 2 else grow(d) for axis, d in enumerate(x.shape)) for n, x in zip(names, example_inputs)}
+        for grow in (lambda d: d + 1, lambda d: 2 * d)
+    ]
+    pinned = [c for c in conditions if not all(_holds(c, shapes) for shapes in probes)]
+    if pinned:
         warnings.warn(
-            f"the model's code ties its input sizes to {equations} (torch.export's guards): the ONNX file computes "
-            "the model only at sizes that satisfy them (recorded in its metadata, size_conditions); pass "
+            f"the model's code ties its input sizes to {pinned} (torch.export's guards): the ONNX file computes "
+            "the model only at sizes that satisfy them (all guards are in its metadata, size_conditions); pass "
             "dynamic_resolution=False to fix the size to the example's",
             UserWarning,
             stacklevel=3,
