@@ -244,3 +244,14 @@ def test_a_runtime_without_an_op_is_named(tmp_path):
     onnx.save(model, tmp_path / "m.onnx")
     with pytest.raises(RuntimeError, match=r"ONNX Runtime .* cannot run .*m.onnx on CPUExecutionProvider.*Attention"):
         verify_onnx(nn.Identity(), tmp_path / "m.onnx", (torch.randn(1, 2, 3, 4),))
+
+
+def test_a_model_that_needs_concrete_sizes_exports_at_the_example_size(tmp_path):
+    class Concrete(nn.Module):  # the width as a Python int: no symbolic width can pass through it
+        def forward(self, x):
+            return x[..., : int(x.shape[-1]) // 2 * 2].mean((2, 3)) + float(x.shape[-1] > 7)
+
+    with pytest.warns(UserWarning, match=r"Concrete exports with a fixed height and width only .*\(8, 8\)"):
+        path = to_onnx(Concrete().eval(), tmp_path / "c.onnx", (torch.randn(2, 3, 8, 8),))
+    assert json.loads(_metadata(path)["dynamic_axes"])["x"] == {"0": "batch"}
+    assert verify_onnx(Concrete().eval(), path, (torch.randn(4, 3, 8, 8),))[0].passed

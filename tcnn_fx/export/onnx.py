@@ -98,7 +98,8 @@ def to_onnx(
     ``dynamic_resolution`` makes the dimensions after the channels symbolic
     too (height and width of images): the positional maps are then computed
     in the graph from the runtime shape, so one file serves every size the
-    model accepts.  What the model's code assumes of the sizes (torch.export's
+    model accepts; a model whose code cannot run on symbolic sizes is exported
+    at the example's size, with a warning that says why.  What the model's code assumes of the sizes (torch.export's
     guards) is recorded in the metadata (``size_conditions``); one that pins
     the sizes (it fails when the example's height and width grow by one or
     double: a flattened map's length) is a warning: the file is right only
@@ -135,12 +136,25 @@ def to_onnx(
     if fp16:
         model = model.half()
         example_inputs = tuple(x.half() if x.is_floating_point() else x for x in example_inputs)
-    dynamic_shapes = _dynamic_shapes(example_inputs, dynamic_batch, dynamic_resolution)
     if dynamic_batch:
         # torch.export specialises a dimension of size 1 (and fixed the file to batch 1): trace at batch 2.
         example_inputs = tuple(_at_least_two(x) for x in example_inputs)
     with evaluating(model):
-        captured = _capture(model, example_inputs, dynamic_shapes)
+        try:
+            captured = _capture(model, example_inputs, _dynamic_shapes(example_inputs, dynamic_batch, dynamic_resolution))
+        except ExportError as error:
+            if not dynamic_resolution:
+                raise
+            # Code that cannot run on a symbolic height or width (a size turned into a Python int, a
+            # data-dependent branch on it) still exports at the example's size.
+            captured = _capture(model, example_inputs, _dynamic_shapes(example_inputs, dynamic_batch, False))
+            dynamic_resolution = False
+            warnings.warn(
+                f"{type(model).__name__} exports with a fixed height and width only (those of the example, "
+                f"{[tuple(x.shape[2:]) for x in example_inputs]}): with them symbolic, {error}",
+                UserWarning,
+                stacklevel=2,
+            )
     onnx_model = _translate(captured, type(model).__name__, opset, optimize).model
     _name_dimensions(onnx_model, captured)
     axes = _symbolic_axes(onnx_model)
