@@ -4,8 +4,10 @@ Issue target: hybrid / CNN at most 1.25 x the FLOP ratio for CIFAR ResNet-20
 and ResNet-56 (policy ``last``, batch 128, 32 px) and ResNet-50 (``stage3+4``,
 batch 16, 160 px).  Each model's step is timed interleaved with its CNN's
 and, in the same run, with the hybrid trained through autograd over the
-composed operators (the layer before ``attention_backward``), so the table
-shows what the hand-written backward changed.  Several independent runs
+composed operators (the layer before ``attention_backward``) and with the
+backward's compiled kernel off (``TCNN_FX_NATIVE_BACKWARD=0`` for that
+step), so the table shows what the hand-written backward and the kernel
+changed.  Several independent runs
 (``--runs``, each a fresh process) give the spread.  Peak memory of one
 training step (resident set growth of a fresh process over three steps) is
 measured per model in its own process.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -29,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import tcnn_fx
-from tcnn_fx.layers import conv_attention
+from tcnn_fx.layers import conv_attention, native_backward
 from tcnn_fx.layers.backends import Backend, choose
 from tcnn_fx.specs import load_model
 from tcnn_fx.timing import time_side_by_side
@@ -73,15 +76,35 @@ def composed(step):
     return run
 
 
+def unfused(step):
+    """``step`` with the backward's elementwise work on PyTorch operators instead of its compiled kernel."""
+
+    def run():
+        setting = os.environ.get(native_backward.SETTING)
+        os.environ[native_backward.SETTING] = "0"
+        try:
+            step()
+        finally:
+            if setting is None:
+                del os.environ[native_backward.SETTING]
+            else:
+                os.environ[native_backward.SETTING] = setting
+
+    return run
+
+
 def time_case(case: str, rounds: int) -> dict:
     _, cnn = setup(case, "cnn")
     hybrid_model, hybrid = setup(case, "hybrid")
-    timing = time_side_by_side({"cnn": cnn, "hybrid": hybrid, "composed": composed(hybrid)}, warmup=1, rounds=rounds)
+    steps = {"cnn": cnn, "hybrid": hybrid, "unfused": unfused(hybrid), "composed": composed(hybrid)}
+    timing = time_side_by_side(steps, warmup=1, rounds=rounds)
     flop_ratio = tcnn_fx.report_of(hybrid_model).flop_ratio
     ratio = timing["hybrid"].median / timing["cnn"].median
     return {
         "cnn_s": timing["cnn"].median, "hybrid_s": timing["hybrid"].median, "composed_s": timing["composed"].median,
+        "unfused_s": timing["unfused"].median, "backward_kernel": native_backward.enabled(),
         "ratio": ratio, "composed_ratio": timing["composed"].median / timing["cnn"].median,
+        "unfused_ratio": timing["unfused"].median / timing["cnn"].median,
         "flop_ratio": flop_ratio, "ratio_over_flop_ratio": ratio / flop_ratio,
     }  # fmt: skip
 
@@ -120,17 +143,21 @@ def main() -> None:
                     "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__},
         "runs": runs, "peak_memory_mib": memory,
     }  # fmt: skip
-    print("| model | FLOP ratio | train step hybrid / CNN (median of runs, min-max) | / FLOP ratio | composed autograd "
-          "/ CNN | peak memory hybrid / CNN |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| model | FLOP ratio | train step hybrid / CNN (median of runs, min-max) | / FLOP ratio | backward kernel "
+        "off / CNN | composed autograd / CNN | peak memory hybrid / CNN |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for case in cases:
         ratios = [run[case]["ratio"] for run in runs]
         composed_ratios = [run[case]["composed_ratio"] for run in runs]
+        unfused_ratios = [run[case]["unfused_ratio"] for run in runs]
         flop = runs[0][case]["flop_ratio"]
         mem = memory[case]
         print(f"| {case} {CASES[case][1]} b{CASES[case][2]} @{CASES[case][3]} | {flop:.3f} | "
               f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | "
-              f"{statistics.median(ratios) / flop:.2f} | {statistics.median(composed_ratios):.2f} | "
+              f"{statistics.median(ratios) / flop:.2f} | {statistics.median(unfused_ratios):.2f} "
+              f"({min(unfused_ratios):.2f}-{max(unfused_ratios):.2f}) | {statistics.median(composed_ratios):.2f} | "
               f"{mem['hybrid'] / max(mem['cnn'], 1e-9):.2f} ({mem['hybrid']:.0f} / {mem['cnn']:.0f} MiB) |")  # fmt: skip
     if args.json:
         with open(args.json, "w") as handle:

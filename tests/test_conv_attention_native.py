@@ -13,7 +13,7 @@ from strategies import ConvCase, assert_equals_convolution, conv_cases, relative
 from torch import nn
 
 from tcnn_fx import ConvAttention2d, ConvAttentionConfig
-from tcnn_fx.layers import native
+from tcnn_fx.layers import cpp_kernels, native
 
 # The kernel is checked where layers use it: a C++ compiler to build it, a processor it is used on by default.
 needs_compiler = pytest.mark.skipif(
@@ -135,7 +135,7 @@ def test_setting_zero_keeps_layers_on_operators(monkeypatch):
 def test_kernel_is_used_by_default_only_on_avx512(monkeypatch):
     monkeypatch.delenv(native.SETTING, raising=False)
     for capability, expected in (("AVX512", True), ("AVX2", False), ("DEFAULT", False)):
-        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
         assert native.enabled() is expected
     monkeypatch.setenv(native.SETTING, "1")
     assert native.enabled()
@@ -148,9 +148,9 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
     def fail(**_):
         raise RuntimeError("Error building extension 'tcnn_fx_attend_gather': no compiler")
 
-    monkeypatch.setattr(native._cpp_extension(), "load", fail)
+    monkeypatch.setattr(cpp_kernels._cpp_extension(), "load", fail)
     monkeypatch.setenv(native.SETTING, "1")  # the build is attempted on any processor
-    native._module.cache_clear()
+    cpp_kernels.build.cache_clear()
     try:
         conv = nn.Conv2d(8, 8, 3, padding=1)
         layer = ConvAttention2d.from_conv(conv)
@@ -166,4 +166,4 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
         assert relative_error(out, conv(x)) <= 1e-6
         assert torch.equal(out, again)
     finally:
-        native._module.cache_clear()  # later tests load the real build again
+        cpp_kernels.build.cache_clear()  # later tests load the real build again

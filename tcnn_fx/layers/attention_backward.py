@@ -17,9 +17,11 @@ derives every gradient from ``dM = dG^T V`` in a few passes:
   ``dk = q dS``, with the per-head ``w`` applied to those small products
   rather than to the maps.
 
-The maps are walked four times in the backward (``dM * A`` in place of
-``dM``, its row sums, its batch sum, ``- A r`` in place) besides the
-products.
+Between the products, composed from PyTorch operators (``_map_gradients``),
+the maps are walked four times (``dM * A`` in place of ``dM``, its row
+sums, its batch sum, ``- A r`` in place: eight reads and writes); the
+compiled kernel of ``native_backward``, where it is used, does the same in
+one pass (reads ``dM`` and ``A``, writes ``dS`` over ``dM``).
 
 Both directions are registered with PyTorch as operators
 (``torch.library.custom_op``) with fake implementations that state their
@@ -43,6 +45,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from tcnn_fx.layers import native_backward
 
 
 class AttendGather(torch.autograd.Function):
@@ -101,8 +105,29 @@ def _backward(
     if needs[2]:
         buffer = _mix(attention, positional, weight).reshape(batch, heads * queries, keys)
         grad_values = torch.bmm(flat, buffer)
+    if not any(needs[i] for i in (0, 1, 3, 4)):  # dV alone: no dM
+        return [grad_values]
     # dM, into the rebuilt mix's memory once dV has used it.
     grad_mixed = torch.bmm(flat.mT, values, out=buffer).reshape(batch, heads, queries, keys)
+    maps = native_backward.map_gradients(grad_mixed, attention, positional, weight, needs)
+    scores_grad, grad_positional, grad_weight = maps or _map_gradients(grad_mixed, attention, positional, weight, needs)
+    grad_q = grad_k = None
+    if scores_grad is not None:
+        # dS = w A (dM - r); w is per head, so it scales the small products below instead of the maps.
+        scale = weight[:, None, None]
+        grad_q = torch.matmul(k, scores_grad.transpose(-1, -2)).mul_(scale) if needs[0] else None
+        grad_k = torch.matmul(q, scores_grad).mul_(scale) if needs[1] else None
+    grads = (grad_q, grad_k, grad_values, grad_positional, grad_weight)
+    return [g for g, wanted in zip(grads, needs, strict=True) if wanted]
+
+
+def _map_gradients(
+    grad_mixed: Tensor, attention: Tensor, positional: Tensor, weight: Tensor, needs: list[bool]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``dS / w`` (over ``grad_mixed``), ``dP`` and ``dw`` from ``dM``, each ``None`` where not needed.
+
+    PyTorch operators; ``native_backward.map_gradients`` computes the same in one pass where it is used.
+    """
     summed = grad_mixed.sum(0) if needs[3] or needs[4] else None  # sum over the batch, (H, Q, K)
     product = grad_mixed.mul_(attention)  # dM * A, in place of dM (dM itself is not needed again)
     row = product.sum(-1, keepdim=True)  # r: the softmax backward's row term
@@ -110,15 +135,8 @@ def _backward(
     grad_weight = None
     if needs[4]:
         grad_weight = row.sum((0, 2, 3)) - (summed * positional).sum((1, 2))
-    grad_q = grad_k = None
-    if needs[0] or needs[1]:
-        # dS = w A (dM - r); w is per head, so it scales the small products below instead of the maps.
-        scores_grad = product.addcmul_(attention, row, value=-1)
-        scale = weight[:, None, None]
-        grad_q = torch.matmul(k, scores_grad.transpose(-1, -2)).mul_(scale) if needs[0] else None
-        grad_k = torch.matmul(q, scores_grad).mul_(scale) if needs[1] else None
-    grads = (grad_q, grad_k, grad_values, grad_positional, grad_weight)
-    return [g for g, wanted in zip(grads, needs, strict=True) if wanted]
+    scores_grad = product.addcmul_(attention, row, value=-1) if needs[0] or needs[1] else None  # A (dM - r)
+    return scores_grad, grad_positional, grad_weight
 
 
 def _gradients(ctx, grad: Tensor | None, backward) -> tuple[Tensor | None, ...]:

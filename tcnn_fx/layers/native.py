@@ -8,10 +8,11 @@ the layer's arithmetic at 14x14.  ``csrc/attend_gather.cpp`` computes scores,
 softmax, mix and gather in one pass per block of queries, the maps never
 leaving the cache.
 
-It is compiled with the machine's C++ compiler through
-``torch.utils.cpp_extension`` the first time a layer runs CPU inference (about
-40 s, once: the library is cached under ``TORCH_EXTENSIONS_DIR``), for the SIMD
-level PyTorch itself dispatches to, and runs on PyTorch's own thread pool.
+It is compiled by ``cpp_kernels.build`` (the machine's C++ compiler through
+``torch.utils.cpp_extension``) the first time a layer runs CPU inference
+(about 40 s, once: the library is cached under ``TORCH_EXTENSIONS_DIR``), for
+the SIMD level PyTorch itself dispatches to, and runs on PyTorch's own thread
+pool.
 By default it is used where PyTorch dispatches to AVX-512, the SIMD level it
 was written and measured for; built for AVX2 it measured several times slower
 than the composed operators (docs/results/conv_attention_speed.md), so other
@@ -32,78 +33,34 @@ graphs never contain it (``backends.choose``).
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
-import subprocess
-import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from tcnn_fx.errors import MissingDependencyError
+from tcnn_fx.layers import cpp_kernels
 
 #: Environment variable: ``0`` keeps every layer on PyTorch operators (no build); ``1`` uses the kernel on any
 #: processor; unset (or ``auto``), only where PyTorch dispatches to AVX-512.
 SETTING = "TCNN_FX_NATIVE"
 #: The SIMD levels the kernel is used at by default (where it was measured faster than PyTorch's operators).
 DEFAULT_CAPABILITIES = ("AVX512",)
-SOURCE = Path(__file__).with_name("csrc") / "attend_gather.cpp"
-#: Compiler flags for the SIMD levels ``torch.backends.cpu.get_cpu_capability()`` reports; others build portable code.
-SIMD_FLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
-    "AVX2": ["-mavx2", "-mfma"],
-}
-BUILD_ERRORS = (RuntimeError, OSError, ImportError, subprocess.CalledProcessError)
 #: Queries per block of the kernel: its positional operand is zero-padded to a multiple of this many queries.
 QUERY_BLOCK = 48
-
-log = logging.getLogger(__name__)
 
 
 def enabled() -> bool:
     """Whether layers may use the compiled kernel: ``TCNN_FX_NATIVE=1``, or unset on an AVX-512 processor."""
-    setting = os.environ.get(SETTING, "auto")
-    if setting == "auto":
-        return torch.backends.cpu.get_cpu_capability() in DEFAULT_CAPABILITIES
-    return setting != "0"
+    return cpp_kernels.enabled(SETTING, DEFAULT_CAPABILITIES)
 
 
-def _cpp_extension():
-    """``torch.utils.cpp_extension``, imported without its warning that a CPU-only machine has no CUDA runtime."""
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        from torch.utils import cpp_extension
-    finally:
-        logger.setLevel(level)
-    return cpp_extension
-
-
-@functools.cache
 def _module():
-    """The built extension module, or ``None`` (warned) when it cannot be built or loaded here."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    version = torch.__version__.split("+")[0].replace(".", "_")
-    name = f"tcnn_fx_attend_gather_{capability.lower()}_torch{version}"
-    log.info("loading %s, built from %s on first use (cached under TORCH_EXTENSIONS_DIR)", name, SOURCE)
-    try:
-        return _cpp_extension().load(
-            name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *SIMD_FLAGS.get(capability, [])]
-        )
-    except BUILD_ERRORS as error:
-        warnings.warn(
-            f"tcnn_fx could not build its CPU attention kernel ({type(error).__name__}: {error}); "
-            f"ConvAttention2d inference composes PyTorch operators instead (slower). It needs a C++ compiler "
-            f"with OpenMP and ninja; set {SETTING}=0 to skip the attempt.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return None
+    """The built extension module, or ``None`` (warned once) when it cannot be built or loaded here."""
+    return cpp_kernels.build(
+        "attend_gather", SETTING, "ConvAttention2d inference composes PyTorch operators instead (slower)"
+    )
 
 
 @torch.compiler.assume_constant_result
