@@ -104,11 +104,14 @@ def test_torch_func_transforms_still_differentiate_the_layer():
 
 
 @pytest.fixture
-def kernel(monkeypatch):
-    """The compiled kernel, enabled on any processor; skipped where it cannot be built (the build is cached)."""
+def kernel():
+    """The compiled kernel where layers use it by default (AVX-512); skipped elsewhere, as in
+    tests/test_conv_attention_native.py (a build costs ~40 s of the suite for a path nobody runs there), and
+    where it cannot be built."""
     if shutil.which("c++") is None:
         pytest.skip("no C++ compiler to build the kernel")
-    monkeypatch.setenv(native.SETTING, "1")
+    if not native.enabled():
+        pytest.skip("the kernel is used on AVX-512 processors (TCNN_FX_NATIVE=1 elsewhere is unchecked)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a failed build warns; here it skips
         if native.attend_gather() is None:

@@ -51,7 +51,7 @@ def test_exported_graph_is_plain_onnx(hybrid, exported, tmp_path):
     assert '"select": "last"' in metadata["policy"] and metadata["tcnn_fx_version"] == tcnn_fx.__version__
 
 
-@pytest.mark.parametrize("opset", [18, 19, 20, 21, 22, 23])
+@pytest.mark.parametrize("opset", [18, 21, 23])  # the lowest, one between, the highest
 def test_opsets(opset, tmp_path):
     model = with_content_weight(tcnn_fx.rewrite(TinyResNet().eval(), "all", (torch.randn(1, 3, 16, 16),)), 0.2)
     path = to_onnx(model, tmp_path / "t.onnx", (torch.randn(2, 3, 16, 16),), opset=opset)
@@ -99,12 +99,10 @@ def test_cli_convert_exports_onnx(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("spec", "policy"),
     [
-        ("torchvision:resnet18", "stage4"),
         ("torchvision:resnet50", "name:layer4.*conv2 | name:layer3.5.conv2"),  # a custom policy
         ("torchvision:mobilenet_v3_large", "last"),
         ("torchvision:convnext_tiny", "last"),
         ("torchvision:regnet_y_400mf", "stage4"),
-        ("torchvision:efficientnet_b0", "last"),
         ("timm:resnetrs50", "stage4"),
     ],
 )
