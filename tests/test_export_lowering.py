@@ -73,8 +73,9 @@ def test_every_lowering_computes_the_layer(geometry):
             (p, c) for p in ("taps", "maps") for c in ("matmul", "attention") if heads and (p, c) != ("maps", "matmul")
         ]
         for positional, content in choices:
-            lowered = LoweredConvAttention(layer, LayerLowering(positional, content, tuple(
-                int(h) for h in torch.nonzero(layer.gate)), "test"))  # fmt: skip
+            heads_open = tuple(int(h) for h in torch.nonzero(layer.gate))
+            targets = tap_targets(layer)[0] if positional == "taps" else None
+            lowered = LoweredConvAttention(layer, LayerLowering(positional, content, heads_open, "test", targets))
             for size in ((9, 9), (12, 7), (5, 16)):
                 x = torch.randn(2, 8, *size)
                 with torch.no_grad():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from tcnn_fx import checkpoint
 from tcnn_fx.cli.arguments import (
     add_model_arguments,
@@ -54,7 +56,7 @@ def run(args) -> None:
             "tcnn_fx.export.to_onnx(hybrid.get_submodule(MODULE), FILE, inputs)"
         )
     onnx_flags = {"--fp16": args.fp16, "--fixed-resolution": args.fixed_resolution}
-    onnx_flags |= {f"--{f}": getattr(args, f) != getattr(Lowering(), f) for f in ("target", "positional", "content")}
+    onnx_flags |= {f"--{f.name}": getattr(args, f.name) != f.default for f in dataclasses.fields(Lowering)}
     if not args.onnx and any(onnx_flags.values()):
         given = [flag for flag, set_ in onnx_flags.items() if set_]
         raise UsageError(f"{', '.join(given)}: settings of the ONNX export; pass --onnx FILE too")

@@ -113,12 +113,18 @@ class Lowering(DictSettings):
 @dataclass(frozen=True)
 class LayerLowering:
     """The graph chosen for one layer: ``positional`` (``taps``/``maps``), ``content`` (``none``/``matmul``/
-    ``attention``), the heads whose content weight is non-zero, and why."""
+    ``attention``), the heads whose content weight is non-zero, why, and for ``taps`` the tap each head's map
+    is one-hot on (``tap_targets``)."""
 
     positional: str
     content: str
     open_heads: tuple[int, ...]
     why: str
+    targets: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.positional == "taps" and self.targets is None:
+            raise InvalidInputError("a 'taps' lowering needs the tap of every head (tap_targets)")
 
     @property
     def is_own_graph(self) -> bool:
@@ -200,18 +206,22 @@ def estimate(
     project = 2 * queries * out * (channels // layer.groups)  # per head
     flops, map_bytes = 0.0, 0.0
     element = layer.weight.element_size()
+
+    def attention(n: int) -> float:
+        """FLOPs of ``n`` heads' content attention, projected: query/key projections, scores, gather, projection."""
+        return n * (
+            project + 2 * queries * keys * (layer.qk_dim + channels) + 2 * channels * layer.qk_dim * (queries + keys)
+        )
+
     if (positional, content) == ("maps", "matmul"):  # the layer's own graph: every head's maps, mixed, one gather
-        flops += total * (project + 2 * queries * keys * (layer.qk_dim + channels))
-        flops += 2 * channels * total * layer.qk_dim * (queries + keys)
-        return flops / rates.flops + 8 * total * queries * keys * element / rates.bandwidth
+        return attention(total) / rates.flops + 8 * total * queries * keys * element / rates.bandwidth
     if positional == "taps":
         flops += total * project
     else:  # positional maps computed and gathered on their own
         flops += total * (project + 2 * queries * keys * channels)
         map_bytes += 2 * total * queries * keys * element
     if content != "none":
-        flops += heads * (project + 2 * queries * keys * (layer.qk_dim + channels))
-        flops += 2 * channels * heads * layer.qk_dim * (queries + keys)
+        flops += attention(heads)
         fused = content == "attention" and rates.fused_attention
         map_bytes += 0 if fused else 5 * heads * queries * keys * element
     return flops / rates.flops + map_bytes / rates.bandwidth
@@ -238,7 +248,7 @@ def choose(layer: ConvAttention2d, size: tuple[int, int], options: Lowering, ops
     why = why_taps if positional == "taps" else (f"maps: {why_taps}" if targets is None else "maps: cheaper here")
     if len(costs) > 1:
         why += f"; estimated cheapest on {options.target} of {len(costs)} choices"
-    return LayerLowering(positional, content, heads, why)
+    return LayerLowering(positional, content, heads, why, targets if positional == "taps" else None)
 
 
 def plan(model: nn.Module, example_inputs: tuple, options: Lowering, opset: int) -> dict[str, LayerLowering]:
@@ -298,8 +308,7 @@ class LoweredConvAttention(nn.Module):
             taps = layer.weight.flatten(2)  # (out, in / groups, heads)
             kept = taps * (1 - weight)
             if choice.positional == "taps":
-                targets, _ = tap_targets(layer)
-                folded = torch.zeros_like(taps).index_add_(2, torch.tensor(targets), kept)
+                folded = torch.zeros_like(taps).index_add_(2, torch.tensor(choice.targets), kept)
                 self.register_buffer("positional_weight", folded.reshape(layer.weight.shape))
             else:
                 self.register_buffer("positional_weight", kept)
