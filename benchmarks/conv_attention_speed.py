@@ -2,32 +2,30 @@
 
 Both run side by side in one process, interleaved, in eval mode without
 autograd (so the layer reuses its positional attention), float32 on the CPU.
-The table says for each shape the latency ratio, the FLOP ratio (the limit of
-this construction: attention does more arithmetic than the convolution) and
-the achieved FLOP/s of each; the target is that the layer achieves at least
-80% of the convolution's FLOP/s at 7x7 and 14x14.
+The table says for each shape and batch the latency ratio, the FLOP ratio
+(the limit of this construction: attention does more arithmetic than the
+convolution) and the efficiency: the layer's achieved FLOP/s over the
+convolution's.  Targets: at least 0.85 at 7x7 and 14x14 with 8 images, 0.8
+with one; 28x28 and the CIFAR shape (C=64, 8x8) are reported.
 
-Runtimes: ``torch`` is the layer as it runs by default, with its compiled CPU
-kernel (``tcnn_fx.layers.native``: scores, softmax, mix and gather in one pass)
-where that could be built; ``torch-ops`` the layer composed from PyTorch
-operators alone (``TCNN_FX_NATIVE=0``); ``ort`` both exported to ONNX and run by
-ONNX Runtime, the layer with every head's content weight at 0.1 (as converted,
-its file would be the convolution's graph).  It also times, at 14x14 and C=256, the attention's gather (every
-head applied to every channel) each way the layer runs it: the compiled kernel
-(with the content scores, softmax and mix it fuses), a oneDNN grouped
-convolution (inference without the kernel) and ``torch.bmm`` on the BLAS
-(training, captured graphs).
+Runtimes: ``torch`` is the layer as it runs by default (on a processor where
+PyTorch dispatches to AVX-512, its compiled CPU kernel, ``tcnn_fx.layers.native``:
+scores, softmax, mix and gather in one pass; elsewhere PyTorch operators with
+the gather on oneDNN); ``torch-ops`` the layer composed from PyTorch operators
+alone (``TCNN_FX_NATIVE=0``); ``ort`` both exported to ONNX and run by ONNX
+Runtime, the layer with every head's content weight at 0.1 (as converted, its
+file would be the convolution's graph).  Each run also times, at 14x14 and
+C=256, the attention's gather (every head applied to every channel) each way
+the layer runs it: the compiled kernel (with the content scores, softmax and
+mix it fuses), a oneDNN grouped convolution (inference without the kernel)
+and ``torch.bmm`` on the BLAS (training, captured graphs).
 
-    python benchmarks/conv_attention_speed.py [--batch 8] [--rounds 30] [--runtime torch|torch-ops|ort] [--json out.json]
+Every run is a fresh plain ``python`` process with the environment as given
+(``benchmarks.fresh_runs``); the table gives the median of the runs and their
+range:
 
-The layer allocates large attention maps each call; glibc returns such blocks
-to the system and faults them in again on the next call.  PyTorch's CPU
-performance guide recommends an allocator that keeps them (jemalloc,
-tcmalloc); with glibc the same effect comes from
-
-    MALLOC_MMAP_THRESHOLD_=10000000000 MALLOC_TRIM_THRESHOLD_=10000000000 python benchmarks/...
-
-and the machine description in the output says which was in force.
+    python -m benchmarks.conv_attention_speed [--batch-sizes 8 1] [--runs 3] [--rounds 30] \
+        [--runtime torch|torch-ops|ort] [--json out.json]
 """
 
 from __future__ import annotations
@@ -36,12 +34,14 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from benchmarks.fresh_runs import ONE_RUN, fresh_runs, spread
 from tcnn_fx import ConvAttention2d
 from tcnn_fx.export import to_onnx
 from tcnn_fx.export.bench import with_content_weight
@@ -50,12 +50,10 @@ from tcnn_fx.layers import native
 from tcnn_fx.layers.backends import gather_bmm, gather_onednn
 from tcnn_fx.timing import count_flops, time_side_by_side
 
-#: (channels, input resolution, stride): the shapes the targets are stated for.
-SHAPES = [(512, 7, 1), (512, 14, 2), (256, 14, 1), (128, 28, 1)]
-EFFICIENCY_TARGET = 0.8
-#: glibc settings that keep freed memory instead of returning it to the system (PyTorch's CPU allocator
-#: does not cache, so without them every large attention buffer is page-faulted in anew).
-MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+#: (channels, input resolution, stride): ResNet-50's late stages, a 28x28 stage and CIFAR ResNets' last stage.
+SHAPES = [(512, 7, 1), (512, 14, 2), (256, 14, 1), (128, 28, 1), (64, 8, 1)]
+#: Efficiency targets by batch size, at the input resolutions in ``TARGET_RESOLUTIONS``.
+EFFICIENCY_TARGETS = {8: 0.85, 1: 0.8}
 TARGET_RESOLUTIONS = (7, 14)
 #: Every head's content weight in the ONNX Runtime timings (as after fine-tuning).
 CONTENT_WEIGHT = 0.1
@@ -135,7 +133,8 @@ def machine() -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "blas": "MKL" if torch.backends.mkl.is_available() else "other",
-        "malloc": {k: os.environ[k] for k in MALLOC_SETTINGS if k in os.environ} or "glibc defaults",
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "allocator_environment": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")} or "none",
     }
 
 
@@ -150,43 +149,69 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
-def markdown(rows: list[dict]) -> str:
+def _target(row: dict) -> str:
+    goal = EFFICIENCY_TARGETS.get(row["batch"])
+    if goal is None or row["resolution"] not in TARGET_RESOLUTIONS:
+        return "-"
+    return "met" if row["efficiency"] >= goal else f"missed (>= {goal})"
+
+
+def markdown(runs: list[dict]) -> str:
+    """One row per batch and shape: medians of the runs, the efficiency's range, the target at the median."""
     lines = [
-        "| C | input | stride | conv ms | attention ms | latency ratio | FLOP ratio | conv GFLOP/s | attention GFLOP/s | efficiency | target |",
+        (
+            "| batch | C | input | stride | conv ms | attention ms | latency ratio | FLOP ratio "
+            "| efficiency (runs' range) | target | max rel. error |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        target = "-" if r["resolution"] not in TARGET_RESOLUTIONS else ("met" if r["efficiency"] >= EFFICIENCY_TARGET else "missed")
+    for i, first in enumerate(runs[0]["results"]):
+        rows = [run["results"][i] for run in runs]
+        median = {key: statistics.median(r[key] for r in rows) for key in ("conv_ms", "attention_ms", "efficiency")}
+        row = first | median
         lines.append(
-            f"| {r['channels']} | {r['resolution']}x{r['resolution']} | {r['stride']} | {r['conv_ms']:.2f} | "
-            f"{r['attention_ms']:.2f} | {r['latency_ratio']:.2f} | {r['flop_ratio']:.2f} | {r['conv_gflops']:.0f} | "
-            f"{r['attention_gflops']:.0f} | {r['efficiency']:.2f} | {target} |"
+            f"| {row['batch']} | {row['channels']} | {row['resolution']}x{row['resolution']} | {row['stride']} | "
+            f"{row['conv_ms']:.2f} | {row['attention_ms']:.2f} | {row['attention_ms'] / row['conv_ms']:.2f} | "
+            f"{row['flop_ratio']:.2f} | {spread([r['efficiency'] for r in rows])} | {_target(row)} | "
+            f"{max(r['max_relative_error'] for r in rows):.1e} |"
         )
     return "\n".join(lines)
 
 
+def one_run(batch_sizes: list[int], rounds: int, runtime: str) -> dict:
+    """Every shape at every batch size, and the gather's rates, measured in this process."""
+    rows = [measure(c, r, s, batch, rounds, runtime) for batch in batch_sizes for c, r, s in SHAPES]
+    kernel = runtime == "torch" and native.enabled() and native.attend_gather() is not None
+    return {"machine": machine() | {"compiled_kernel": kernel}, "gather": gather_rates(rounds), "results": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 1])
+    parser.add_argument("--runs", type=int, default=3, help="independent runs, each a fresh process")
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved timed rounds per shape and run")
+    parser.add_argument("--json", help="also write every run's results to this JSON file")
     parser.add_argument("--runtime", choices=["torch", "torch-ops", "ort"], default="torch",
-                        help="PyTorch eager (with the compiled kernel where built), PyTorch operators alone, or both "
-                        "exported to ONNX and run by ONNX Runtime (CPU)")
+                        help="PyTorch eager (with the compiled kernel where it is used), PyTorch operators alone, or "
+                        "both exported to ONNX and run by ONNX Runtime (CPU)")
+    parser.add_argument(ONE_RUN, action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.runtime == "torch-ops":
         os.environ[native.SETTING] = "0"
     runtime = "ort" if args.runtime == "ort" else "torch"
-    rows = [measure(c, r, s, args.batch, args.rounds, runtime) for c, r, s in SHAPES]
-    kernel = runtime == "torch" and native.enabled() and native.attend_gather() is not None
-    report = {"machine": machine() | {"compiled_kernel": kernel}, "gather": gather_rates(args.rounds), "results": rows}
-    print(json.dumps(report["machine"]))
-    rates = " ".join(f"{name.removesuffix('_gflops')} {rate:.0f}" for name, rate in report["gather"].items())
-    print(f"gather at 14x14, C=256, GFLOP/s: {rates}")
-    print(markdown(rows))
+    if args.one_run:
+        print(json.dumps(one_run(args.batch_sizes, args.rounds, runtime)))
+        return
+    settings = ["--batch-sizes", *map(str, args.batch_sizes), "--rounds", str(args.rounds), "--runtime", args.runtime]
+    runs = fresh_runs("benchmarks.conv_attention_speed", settings, args.runs)
+    print(json.dumps(runs[0]["machine"]))
+    for i, run in enumerate(runs, 1):
+        rates = " ".join(f"{name.removesuffix('_gflops')} {rate:.0f}" for name, rate in run["gather"].items())
+        print(f"run {i}: gather at 14x14, C=256, b8, GFLOP/s: {rates}")
+    print(markdown(runs))
     if args.json:
         with open(args.json, "w") as out:
-            json.dump(report, out, indent=2)
+            json.dump({"command": settings, "runs": runs}, out, indent=2)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import tcnn_fx
+from benchmarks.fresh_runs import ONE_RUN, fresh_runs, spread
 from tcnn_fx.layers import conv_attention, native_backward
 from tcnn_fx.layers.backends import Backend, choose
 from tcnn_fx.specs import load_model
@@ -126,17 +127,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="independent runs (fresh processes) for the spread")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds per run")
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--one-run", action="store_true", help=argparse.SUPPRESS)  # a child of --runs
+    parser.add_argument(ONE_RUN, action="store_true", help=argparse.SUPPRESS)  # a child of --runs
     args = parser.parse_args()
     cases = args.cases.split(",")
     if args.one_run:
         print(json.dumps({case: time_case(case, args.rounds) for case in cases}))
         return
-    runs = []
-    for _ in range(args.runs):
-        child = [sys.executable, "-m", "benchmarks.training_step", "--one-run", "--cases", args.cases,
-                 "--rounds", str(args.rounds)]  # fmt: skip
-        runs.append(json.loads(subprocess.run(child, capture_output=True, text=True, check=True).stdout))
+    runs = fresh_runs("benchmarks.training_step", ["--cases", args.cases, "--rounds", str(args.rounds)], args.runs)
     memory = {case: {v: peak_memory(case, v) for v in ("cnn", "hybrid")} for case in cases}
     result = {
         "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -154,10 +151,9 @@ def main() -> None:
         unfused_ratios = [run[case]["unfused_ratio"] for run in runs]
         flop = runs[0][case]["flop_ratio"]
         mem = memory[case]
-        print(f"| {case} {CASES[case][1]} b{CASES[case][2]} @{CASES[case][3]} | {flop:.3f} | "
-              f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | "
-              f"{statistics.median(ratios) / flop:.2f} | {statistics.median(unfused_ratios):.2f} "
-              f"({min(unfused_ratios):.2f}-{max(unfused_ratios):.2f}) | {statistics.median(composed_ratios):.2f} | "
+        print(f"| {case} {CASES[case][1]} b{CASES[case][2]} @{CASES[case][3]} | {flop:.3f} | {spread(ratios)} | "
+              f"{statistics.median(ratios) / flop:.2f} | {spread(unfused_ratios)} | "
+              f"{statistics.median(composed_ratios):.2f} | "
               f"{mem['hybrid'] / max(mem['cnn'], 1e-9):.2f} ({mem['hybrid']:.0f} / {mem['cnn']:.0f} MiB) |")  # fmt: skip
     if args.json:
         with open(args.json, "w") as handle:

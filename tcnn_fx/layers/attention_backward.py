@@ -46,7 +46,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tcnn_fx.layers import native_backward
+from tcnn_fx.layers import native_backward, workspace
 
 
 class AttendGather(torch.autograd.Function):
@@ -80,10 +80,12 @@ def _forward(q: Tensor, k: Tensor, values: Tensor, positional: Tensor, weight: T
     """The gathered channels ``(B, C, H, Q)`` and the content attention ``(B, H, Q, K)``."""
     batch, channels, keys = values.shape
     heads, queries = positional.shape[:2]
-    scores = torch.matmul(q.transpose(-1, -2), k)  # (B, H, Q, K)
-    attention = scores.softmax(dim=-1)
-    mixed = _mix(attention, positional, weight, out=scores)  # the scores' memory: one large allocation fewer
-    gathered = torch.bmm(values, mixed.reshape(batch, heads * queries, keys).mT)
+    # The maps and the gathered taps in recycled memory (``workspace``): no page faults for them each step.
+    scores = torch.matmul(q.transpose(-1, -2), k, out=workspace.empty((batch, heads, queries, keys), q))
+    attention = torch.ops.aten._softmax.out(scores, -1, False, out=workspace.empty(scores.shape, q))
+    mixed = _mix(attention, positional, weight, out=scores)  # then the scores' memory holds the mix
+    gathered = workspace.empty((batch, channels, heads * queries), values)
+    torch.bmm(values, mixed.reshape(batch, heads * queries, keys).mT, out=gathered)
     return gathered.reshape(batch, channels, heads, queries), attention
 
 
@@ -101,14 +103,17 @@ def _backward(
     batch, channels, keys = values.shape
     heads, queries = positional.shape[:2]
     flat = grad.reshape(batch, channels, heads * queries)
-    grad_values, buffer = None, None
+    grad_values = None
+    # The rebuilt mix, then dM over it once dV has used it, in recycled memory; where this backward is itself
+    # recorded (a second derivative, torch.func), operators without out= arguments, which autograd refuses.
+    recorded = torch.is_grad_enabled()
+    buffer = None if recorded else workspace.empty((batch, heads, queries, keys), attention)
     if needs[2]:
-        buffer = _mix(attention, positional, weight).reshape(batch, heads * queries, keys)
-        grad_values = torch.bmm(flat, buffer)
+        grad_values = torch.bmm(flat, _mix(attention, positional, weight, out=buffer).flatten(1, 2))
     if not any(needs[i] for i in (0, 1, 3, 4)):  # dV alone: no dM
         return [grad_values]
-    # dM, into the rebuilt mix's memory once dV has used it.
-    grad_mixed = torch.bmm(flat.mT, values, out=buffer).reshape(batch, heads, queries, keys)
+    out = None if buffer is None else buffer.view(batch, heads * queries, keys)
+    grad_mixed = torch.bmm(flat.mT, values, out=out).reshape(batch, heads, queries, keys)
     maps = native_backward.map_gradients(grad_mixed, attention, positional, weight, needs)
     scores_grad, grad_positional, grad_weight = maps or _map_gradients(grad_mixed, attention, positional, weight, needs)
     grad_q = grad_k = None

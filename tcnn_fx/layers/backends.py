@@ -115,14 +115,15 @@ def choose(x: Tensor) -> Backend:
     return Backend.COMPOSED
 
 
-def gather_bmm(values: Tensor, maps: Tensor) -> Tensor:
-    """Every head's attention applied to every input channel: ``(B, C, heads, queries)``.
+def gather_bmm(values: Tensor, maps: Tensor, out: Tensor | None = None) -> Tensor:
+    """Every head's attention applied to every input channel: ``(B, C, heads, queries)``, into ``out`` if given.
 
-    ``values`` is ``(B, C, rows, columns)``, ``maps`` ``(B, heads, queries, keys)``.
+    ``values`` is ``(B, C, rows, columns)``, ``maps`` ``(B, heads, queries, keys)``, ``out`` (contiguous)
+    ``(B, C, heads * queries)``.
     """
     batch, channels = values.shape[:2]
     heads, queries, keys = maps.shape[1:]
-    gathered = torch.bmm(values.reshape(batch, channels, keys), maps.reshape(batch, heads * queries, keys).mT)
+    gathered = torch.bmm(values.reshape(batch, channels, keys), maps.reshape(batch, heads * queries, keys).mT, out=out)
     return gathered.reshape(batch, channels, heads, queries)
 
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune, skip_init
 
 from tcnn_fx.errors import InvalidInputError, UsageError
-from tcnn_fx.layers import native
+from tcnn_fx.layers import native, workspace
 from tcnn_fx.layers.attention_backward import attend_gather
 from tcnn_fx.layers.backends import INFERENCE_IMAGES, LOG2_E, Backend, capturing, choose, gather_bmm, gather_onednn
 from tcnn_fx.layers.conv_geometry import ConvGeometry
@@ -474,18 +474,26 @@ class ConvAttention2d(nn.Module):
             return both.split(self.num_heads * self.qk_dim, dim=1)
         return F.conv2d(queries, query_weight).flatten(2), F.conv2d(keys, key_weight).flatten(2)
 
-    def _content(self, queries: Tensor, keys: Tensor) -> Tensor:
-        """Content attention ``(B, heads, queries, keys)``: softmax of scaled query-key products."""
+    def _content(self, queries: Tensor, keys: Tensor, *, scratch: bool = False) -> Tensor:
+        """Content attention ``(B, heads, queries, keys)``: softmax of scaled query-key products.
+
+        With ``scratch`` (float32 or float64 without autograd) the scores and
+        the result are in recycled memory (``workspace``).
+        """
         heads_dim = (self.num_heads, self.qk_dim)
         q, k = (t.unflatten(1, heads_dim) for t in self._queries_keys(queries, keys))  # (B, heads, dim, pixels)
-        scores = torch.matmul(q.transpose(-1, -2), k)
-        return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(queries.dtype)
+        if not scratch:
+            scores = torch.matmul(q.transpose(-1, -2), k)
+            return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(queries.dtype)
+        shape = (*q.shape[:2], q.shape[-1], k.shape[-1])
+        scores = torch.matmul(q.transpose(-1, -2), k, out=workspace.empty(shape, q))
+        return torch.ops.aten._softmax.out(scores, -1, False, out=workspace.empty(shape, q))
 
-    def _attend(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[int, int]]:
+    def _attend(self, x: Tensor, *, scratch: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[int, int]]:
         """Key/value pixels, positional and content attention, per-head content weight, output size."""
         queries, keys, out_size = self._pixels(x)
         positional = self._positional(x.shape[-2], x.shape[-1], x.dtype)
-        content = self._content(queries, keys)
+        content = self._content(queries, keys, scratch=scratch)
         return keys, positional, content, self.content_weight().to(x.dtype).reshape(1, -1, 1, 1), out_size
 
     @staticmethod
@@ -522,10 +530,17 @@ class ConvAttention2d(nn.Module):
             out = self._project_product(gathered).reshape(x.shape[0], self.out_channels, out_h, out_w)
             return _like_input(out, x)
         else:
-            values, positional, content, weight, (out_h, out_w) = self._attend(x)
+            # Eager CPU inference keeps its maps (and the bmm gather's taps) in recycled memory.
+            scratch = x.dtype in (torch.float32, torch.float64) and not torch.is_grad_enabled() and workspace.usable(x)
+            values, positional, content, weight, (out_h, out_w) = self._attend(x, scratch=scratch)
             # In eager inference the mix overwrites the content map: one large allocation fewer.
             combined = self._mix(positional, content, weight, in_place=not (torch.is_grad_enabled() or capturing()))
-            gathered = (gather_onednn if backend is Backend.ONEDNN else gather_bmm)(values, combined)
+            if backend is Backend.ONEDNN:
+                gathered = gather_onednn(values, combined)
+            else:
+                batch, heads, queries = combined.shape[:3]
+                taps = workspace.empty((batch, values.shape[1], heads * queries), x) if scratch else None
+                gathered = gather_bmm(values, combined, out=taps)
         out = self._project(gathered).reshape(x.shape[0], self.out_channels, out_h, out_w)
         return _like_input(out, x)
 

@@ -1,0 +1,112 @@
+"""Recycled memory for the attention layer's large tensors on the CPU: its maps and gathered taps.
+
+Why: a layer's attention maps are ``batch x heads x queries x keys`` floats
+(75 MB for a CIFAR ResNet-20 hybrid's first converted layer at batch 128).
+PyTorch's CPU allocator hands every tensor to ``malloc``; glibc serves
+blocks that large from ``mmap`` (above 32 MB always) or from a heap top it
+trims back to the system once enough is freed, so every call faulted its
+maps in anew, page by page (about 1.5 us per 4 KiB page on the project's
+machine): a ResNet-20 hybrid took 115,000 minor page faults per inference
+call at batch 128 (0.45 GB, a third of its time) and 37,000-69,000 per
+training step.  The allocator settings that keep freed memory
+(``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``) removed them; this
+module removes them in the default process, for these tensors only.
+
+How: ``empty`` returns a view of a block kept here.  A block is free again
+as soon as nothing but this module references its storage (its use count
+is one): when the caller drops the tensor, or autograd releases it after
+the backward (a graph kept with ``retain_graph`` keeps its blocks busy), so
+a block is never handed out while any tensor still reads it.  Free blocks
+beyond ``RETAIN_BYTES`` are released, least recently used first, so the
+memory held for shapes no longer used stays bounded; ``release`` frees
+every free block now.  Only plain CPU tensors outside graph capture use it
+(``usable``); a request above ``RETAIN_BYTES`` is allocated afresh.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+
+import torch
+from torch import Tensor
+
+from tcnn_fx.layers.backends import capturing
+
+#: Bytes of free blocks kept for reuse; beyond it the least recently used free blocks are released.
+RETAIN_BYTES = 1 << 30
+
+_lock = threading.Lock()
+#: id -> (block, its storage, the storage's use count when nothing else uses it), least recently used first.
+_blocks: OrderedDict[int, tuple[Tensor, torch.UntypedStorage, int]] = OrderedDict()
+
+
+def plain_cpu(tensors: tuple[Tensor, ...]) -> bool:
+    """Whether ``tensors`` are ordinary CPU tensors (no ``torch.func`` wrapper, fake or other subclass)."""
+    return all(
+        type(t) in (Tensor, torch.nn.Parameter)
+        and t.device.type == "cpu"
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+        for t in tensors
+    )
+
+
+def usable(*tensors: Tensor) -> bool:
+    """Whether a tensor computed from ``tensors`` may live in recycled memory: plain CPU tensors, no capture."""
+    return not capturing() and plain_cpu(tensors)
+
+
+def empty(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """An uninitialised contiguous tensor of ``shape`` with ``like``'s dtype, in a recycled block where usable."""
+    numel = math.prod(shape)
+    nbytes = numel * like.element_size()
+    if nbytes > RETAIN_BYTES or not usable(like):
+        return like.new_empty(shape)
+    with _lock:
+        for key, entry in _blocks.items():
+            if entry[0].dtype == like.dtype and entry[0].numel() == numel and _free(entry):
+                _blocks.move_to_end(key)
+                return entry[0].view(shape)
+        with torch.inference_mode(False):  # a block made in inference mode could not be written outside it
+            block = torch.empty(numel, dtype=like.dtype)
+        # The Python storage object is held too (it owns a reference of its own once made), so the use count
+        # of a free block is fixed: measured here, before any view exists.
+        storage = block.untyped_storage()
+        _blocks[id(block)] = (block, storage, _use_count(storage))
+        tensor = block.view(shape)  # busy from here on
+        _trim(RETAIN_BYTES)
+        return tensor
+
+
+def release() -> None:
+    """Free every block no tensor uses now."""
+    with _lock:
+        _trim(0)
+
+
+def held_bytes() -> int:
+    """Bytes of the blocks held, busy or free."""
+    with _lock:
+        return sum(entry[0].numel() * entry[0].element_size() for entry in _blocks.values())
+
+
+def _use_count(storage: torch.UntypedStorage) -> int:
+    return torch._C._storage_Use_Count(storage._cdata)
+
+
+def _free(entry: tuple[Tensor, torch.UntypedStorage, int]) -> bool:
+    """Whether nothing but this module references the entry's block (no view, no autograd record of one)."""
+    _, storage, idle = entry
+    return _use_count(storage) == idle
+
+
+def _trim(limit: int) -> None:
+    """Release free blocks, least recently used first, until the free ones hold at most ``limit`` bytes."""
+    free = [key for key, entry in _blocks.items() if _free(entry)]
+    held = sum(_blocks[key][0].numel() * _blocks[key][0].element_size() for key in free)
+    for key in free:
+        if held <= limit:
+            break
+        block = _blocks.pop(key)[0]
+        held -= block.numel() * block.element_size()
