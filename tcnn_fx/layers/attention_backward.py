@@ -193,6 +193,40 @@ def _mix(attention: Tensor, positional: Tensor, weight: Tensor, out: Tensor | No
     return torch.addcmul(base, attention, weight[:, None, None], out=out)
 
 
+class ProjectProduct(torch.autograd.Function):
+    """``weight @ gathered``: every head's output projection, per group, with a backward in recycled memory.
+
+    ``weight`` ``(G, O, P)``, ``gathered`` ``(B, G, P, Q)``.  Autograd's own
+    backward of this broadcast product allocates the taps' gradient and a
+    per-image weight-gradient product, each as large as the gathered taps,
+    afresh every step (page faults on every step with glibc's defaults);
+    this one takes both from ``workspace`` where it may.
+    """
+
+    @staticmethod
+    def forward(weight: Tensor, gathered: Tensor) -> Tensor:
+        return torch.matmul(weight, gathered)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        weight, gathered = ctx.saved_tensors
+        scratch = not torch.is_grad_enabled() and workspace.usable(grad, gathered)  # out= is not differentiable
+
+        def product(a: Tensor, b: Tensor, shape: tuple[int, ...]) -> Tensor:
+            return torch.matmul(a, b, out=workspace.empty(shape, gathered) if scratch else None)
+
+        grad_weight = grad_gathered = None
+        if ctx.needs_input_grad[1]:
+            grad_gathered = product(weight.mT, grad, gathered.shape)
+        if ctx.needs_input_grad[0]:
+            grad_weight = product(grad, gathered.mT, (gathered.shape[0], *weight.shape)).sum(0)
+        return grad_weight, grad_gathered
+
+
 def attend_gather(q: Tensor, k: Tensor, values: Tensor, positional: Tensor, weight: Tensor) -> Tensor:
     """The gathered channels ``(B, C, H, Q)``, differentiable with the backward above.
 

@@ -32,7 +32,7 @@ from torch.nn.utils import prune, skip_init
 
 from tcnn_fx.errors import InvalidInputError, UsageError
 from tcnn_fx.layers import native, workspace
-from tcnn_fx.layers.attention_backward import attend_gather
+from tcnn_fx.layers.attention_backward import ProjectProduct, attend_gather
 from tcnn_fx.layers.backends import INFERENCE_IMAGES, LOG2_E, Backend, capturing, choose, gather_bmm, gather_onednn
 from tcnn_fx.layers.conv_geometry import ConvGeometry
 from tcnn_fx.layers.positional import positional_attention, relative_offsets
@@ -582,7 +582,7 @@ class ConvAttention2d(nn.Module):
         batch, channels, heads, queries = gathered.shape
         per_group = channels // self.groups * heads
         weight = self.weight.reshape(self.groups, self.out_channels // self.groups, per_group)
-        out = torch.matmul(weight, gathered.reshape(batch, self.groups, per_group, queries))
+        out = ProjectProduct.apply(weight, gathered.reshape(batch, self.groups, per_group, queries))
         out = out.reshape(batch, self.out_channels, queries)
         return out if self.bias is None else out + self.bias[:, None]
 
