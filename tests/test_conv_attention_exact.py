@@ -82,15 +82,18 @@ def test_channels_last_input_gives_channels_last_output_like_conv():
     ],
 )
 @pytest.mark.parametrize("batch", [1, 3, 11])  # 11: more than one call
-@pytest.mark.parametrize("kernel", [True, False])
-def test_inference_gather_matches_training_gather_and_convolution(kwargs, batch, kernel, monkeypatch):
-    # Float32 layers gather in the compiled kernel in inference, or without it (TCNN_FX_NATIVE=0) with a
-    # oneDNN grouped convolution when wide, and with bmm under autograd; all must give the convolution.
-    from tcnn_fx.layers import native
+@pytest.mark.parametrize("gather", ["default", "onednn", "bmm"])
+def test_inference_gather_matches_training_gather_and_convolution(kwargs, batch, gather, monkeypatch):
+    # Float32 layers gather in the compiled kernel in inference where it is used, or without it
+    # (TCNN_FX_NATIVE=0) with a oneDNN grouped convolution when wide on AVX-512 processors, else with bmm,
+    # as under autograd; every one must give the convolution.
+    from tcnn_fx.layers import backends, native
     from tcnn_fx.layers.backends import Backend, choose
 
-    if not kernel:
+    capability = torch.backends.cpu.get_cpu_capability()
+    if gather != "default":
         monkeypatch.setenv(native.SETTING, "0")
+        monkeypatch.setattr(backends, "ONEDNN_CAPABILITIES", (capability,) if gather == "onednn" else ())
     torch.manual_seed(0)
     conv = nn.Conv2d(**kwargs)
     layer = ConvAttention2d.from_conv(conv)
@@ -99,7 +102,11 @@ def test_inference_gather_matches_training_gather_and_convolution(kwargs, batch,
         expected, inferred = conv(x), layer(x)
         backend = choose(x)
     trained = layer(x)
-    assert backend is (Backend.KERNEL if kernel and native.enabled() else Backend.ONEDNN)  # wide: never bmm
+    if gather == "default":
+        wide = Backend.ONEDNN if capability in backends.ONEDNN_CAPABILITIES else Backend.COMPOSED
+        assert backend is (Backend.KERNEL if native.enabled() else wide)
+    else:
+        assert backend is (Backend.ONEDNN if gather == "onednn" else Backend.COMPOSED)
     assert choose(x) is Backend.TRAINING
     # Where PyTorch dispatches to AVX-512 the layer sums in the convolution's order (1e-6, measured: 0); on
     # AVX2 oneDNN picks other kernels for the projection than for the convolution at batch 1: float32

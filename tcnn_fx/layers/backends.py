@@ -8,7 +8,8 @@ them:
   ``tcnn_fx::attend_gather`` (``native``), for float32 CPU inference where
   it is enabled and could be built;
 * ``ONEDNN``: composed operators with the gather as oneDNN grouped
-  convolutions, for eager float32 CPU inference with at least 128 channels;
+  convolutions, for eager float32 CPU inference with at least 128 channels
+  where PyTorch dispatches to AVX-512 (elsewhere ``torch.bmm`` was faster);
 * ``TRAINING``: the operator ``tcnn_fx::attend_gather_training``
   (``attention_backward``) under autograd in float32 or float64 without
   autocast (the composed forward, a leaner backward);
@@ -60,6 +61,9 @@ INFERENCE_IMAGES = 8
 LOG2_E = math.log2(math.e)
 #: The fewest channels at which the oneDNN gather is chosen.
 ONEDNN_CHANNELS = 128
+#: The SIMD levels (``torch.backends.cpu.get_cpu_capability()``) where the oneDNN gather is chosen: on AVX-512
+#: AMD processors MKL's ``bmm`` skips AVX-512 and oneDNN ran 1.7x its rate; on AVX2 ``bmm`` ran twice oneDNN's.
+ONEDNN_CAPABILITIES = ("AVX512",)
 
 
 class Backend(enum.Enum):
@@ -110,9 +114,15 @@ def choose(x: Tensor) -> Backend:
         return Backend.KERNEL
     if capturing():  # torch.compile: the oneDNN layout is for eager calls
         return Backend.COMPOSED
-    if x.shape[1] >= ONEDNN_CHANNELS and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
+    if x.shape[1] >= ONEDNN_CHANNELS and _onednn_gather_faster():
         return Backend.ONEDNN
     return Backend.COMPOSED
+
+
+def _onednn_gather_faster() -> bool:
+    """Whether oneDNN is usable and, at this SIMD level, measured faster than ``torch.bmm`` for the gather."""
+    usable = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    return usable and torch.backends.cpu.get_cpu_capability() in ONEDNN_CAPABILITIES
 
 
 def gather_bmm(values: Tensor, maps: Tensor, out: Tensor | None = None) -> Tensor:
