@@ -33,7 +33,16 @@ from torch.nn.utils import prune, skip_init
 from tcnn_fx.errors import InvalidInputError, UsageError
 from tcnn_fx.layers import native, workspace
 from tcnn_fx.layers.attention_backward import ProjectProduct, attend_gather
-from tcnn_fx.layers.backends import INFERENCE_IMAGES, LOG2_E, Backend, capturing, choose, gather_bmm, gather_onednn
+from tcnn_fx.layers.backends import (
+    INFERENCE_IMAGES,
+    LOG2_E,
+    Backend,
+    capturing,
+    choose,
+    gather_bmm,
+    gather_onednn,
+    onednn_faster,
+)
 from tcnn_fx.layers.conv_geometry import ConvGeometry
 from tcnn_fx.layers.positional import positional_attention, relative_offsets
 from tcnn_fx.settings import DictSettings
@@ -186,6 +195,11 @@ def _reject_unsupported(conv: nn.Module) -> None:
         raise UsageError(
             f"{type(conv).__name__}.weight is complex ({conv.weight.dtype}); only real dtypes are supported"
         )
+
+
+def _reusable(*params: Tensor) -> bool:
+    """Whether a value computed from ``params`` may be cached: no gradient must reach them, nothing is captured."""
+    return not capturing() and not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
 
 
 def _like_input(out: Tensor, x: Tensor) -> Tensor:
@@ -407,7 +421,7 @@ class ConvAttention2d(nn.Module):
                 self.geometry, centres, locality, height, width, image_keys=self._image_keys
             ).to(dtype)
 
-        if capturing() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        if not _reusable(*params):
             return compute()
         return self._cached("positional", (height, width, dtype, *params), compute)
 
@@ -466,13 +480,35 @@ class ConvAttention2d(nn.Module):
         return queries, keys, (out_h, out_w)
 
     def _queries_keys(self, queries: Tensor, keys: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
-        """Content queries and keys ``(B, heads * qk_dim, pixels)``, queries scaled by ``scale / sqrt(qk_dim)``."""
-        query_weight = (self.query_weight * (scale * self.qk_dim**-0.5))[:, :, None, None]
-        key_weight = self.key_weight[:, :, None, None]
-        if queries is keys:  # one product for both
-            both = F.conv2d(keys, torch.cat([query_weight, key_weight])).flatten(2)
-            return both.split(self.num_heads * self.qk_dim, dim=1)
-        return F.conv2d(queries, query_weight).flatten(2), F.conv2d(keys, key_weight).flatten(2)
+        """Content queries and keys ``(B, heads * qk_dim, pixels)``, queries scaled by ``scale / sqrt(qk_dim)``.
+
+        A 1x1 convolution where oneDNN is the faster (``backends.onednn_faster``)
+        and in captured graphs (exported ones as before, compiled ones left to
+        the compiler), a matrix product on the BLAS elsewhere; one product for
+        both where queries and keys are the same pixels.
+        """
+        width = self.num_heads * self.qk_dim
+        weights = self._qk_weights(scale)  # (2 * width, C): scaled query weights, then key weights
+        convolve = capturing() or onednn_faster()
+
+        def product(weight: Tensor, pixels: Tensor) -> Tensor:
+            if convolve:
+                return F.conv2d(pixels, weight[:, :, None, None]).flatten(2)
+            return torch.matmul(weight, pixels.flatten(2))
+
+        if queries is keys:
+            return product(weights, keys).split(width, dim=1)
+        return product(weights[:width], queries), product(weights[width:], keys)
+
+    def _qk_weights(self, scale: float) -> Tensor:
+        """Query weights scaled by ``scale / sqrt(qk_dim)`` stacked on the key weights; reused in inference."""
+
+        def compute() -> Tensor:
+            return torch.cat([self.query_weight * (scale * self.qk_dim**-0.5), self.key_weight])
+
+        if not _reusable(self.query_weight, self.key_weight):
+            return compute()
+        return self._cached("qk_weights", (scale, self.query_weight, self.key_weight), compute)
 
     def _content(self, queries: Tensor, keys: Tensor, *, scratch: bool = False) -> Tensor:
         """Content attention ``(B, heads, queries, keys)``: softmax of scaled query-key products.
