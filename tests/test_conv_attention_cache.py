@@ -33,6 +33,8 @@ def test_cache_follows_in_place_parameter_updates():
         layer(x)  # fills the cache
         layer.centres.add_(0.4)
         layer.locality.fill_(1.5)
+        layer.gate.fill_(0.3)  # the mix's positional term, (1 - w) P, is cached too
+        layer.query_weight.mul_(2)  # and the stacked query and key weights
         cached = layer(x)
     fresh = make_layer()
     fresh.load_state_dict(layer.state_dict())
@@ -54,3 +56,16 @@ def test_cache_follows_dtype_moves_and_loaded_state():
         layer.float()(x)
         layer.load_state_dict(other.state_dict())
         assert torch.equal(layer(x), other(x))
+
+
+def test_cache_follows_the_gate_alone():
+    layer = make_layer()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        layer(x)  # caches (1 - w) P with w = 0
+        layer.gate.fill_(0.3)
+        cached = layer(x)
+    fresh = make_layer()
+    fresh.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        assert torch.equal(cached, fresh(x))

@@ -525,26 +525,37 @@ class ConvAttention2d(nn.Module):
         scores = torch.matmul(q.transpose(-1, -2), k, out=workspace.empty(shape, q))
         return torch.ops.aten._softmax.out(scores, -1, False, out=workspace.empty(shape, q))
 
-    def _attend(self, x: Tensor, *, scratch: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[int, int]]:
-        """Key/value pixels, positional and content attention, per-head content weight, output size."""
+    def _attend(self, x: Tensor, *, scratch: bool = False) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
+        """Key/value pixels, content attention, per-head content weight ``(1, heads, 1, 1)``, output size."""
         queries, keys, out_size = self._pixels(x)
-        positional = self._positional(x.shape[-2], x.shape[-1], x.dtype)
         content = self._content(queries, keys, scratch=scratch)
-        return keys, positional, content, self.content_weight().to(x.dtype).reshape(1, -1, 1, 1), out_size
+        return keys, content, self.content_weight().to(x.dtype).reshape(1, -1, 1, 1), out_size
 
-    @staticmethod
-    def _mix(positional: Tensor, content: Tensor, weight: Tensor, *, in_place: bool = False) -> Tensor:
-        """``(1 - w) * positional + w * content`` per head, in one pass over the content maps.
+    def _mix(self, x: Tensor, content: Tensor, weight: Tensor, *, in_place: bool = False) -> Tensor:
+        """``(1 - w) * positional + w * content`` per head for input ``x``, in one pass over the content maps.
 
-        The positional term does not depend on the input (an exported graph
-        holds it as a constant), and at ``w = 0`` the result is exactly the
-        positional map.  ``in_place`` overwrites ``content``.  (``torch.lerp``
-        would skip the scaled copy of the positional maps in eager mode, but
-        the ONNX exporter decomposes it into Sub/Mul/Where over the maps, which
-        cost a hybrid ResNet-50 a quarter of its attention time in ONNX Runtime.)
+        The positional term does not depend on the input (``_positional_term``:
+        reused across calls; an exported graph holds it as a constant), and at
+        ``w = 0`` the result is exactly the positional map.  ``in_place``
+        overwrites ``content``.  (``torch.lerp`` would skip the positional term,
+        but the ONNX exporter decomposes it into Sub/Mul/Where over the maps,
+        which cost a hybrid ResNet-50 a quarter of its attention time in ONNX
+        Runtime.)
         """
-        base = (positional * (1 - weight[0])).unsqueeze(0)
+        base = self._positional_term(x.shape[-2], x.shape[-1], x.dtype)
         return torch.addcmul(base, content, weight, out=content if in_place else None)
+
+    def _positional_term(self, height: int, width: int, dtype: torch.dtype) -> Tensor:
+        """``(1 - w) * positional`` per head, ``(1, heads, queries, keys)``, reused while nothing it depends on moves."""
+
+        def compute() -> Tensor:
+            weight = self.content_weight().to(dtype).reshape(-1, 1, 1)
+            return (self._positional(height, width, dtype) * (1 - weight)).unsqueeze(0)
+
+        params = (self.centres, self.locality, self.gate)
+        if not _reusable(*params):
+            return compute()
+        return self._cached("positional_term", (height, width, dtype, *params), compute)
 
     def forward(self, x: Tensor) -> Tensor:
         backend = choose(x)
@@ -568,9 +579,9 @@ class ConvAttention2d(nn.Module):
         else:
             # Eager CPU inference keeps its maps (and the bmm gather's taps) in recycled memory.
             scratch = x.dtype in (torch.float32, torch.float64) and not torch.is_grad_enabled() and workspace.usable(x)
-            values, positional, content, weight, (out_h, out_w) = self._attend(x, scratch=scratch)
+            values, content, weight, (out_h, out_w) = self._attend(x, scratch=scratch)
             # In eager inference the mix overwrites the content map: one large allocation fewer.
-            combined = self._mix(positional, content, weight, in_place=not (torch.is_grad_enabled() or capturing()))
+            combined = self._mix(x, content, weight, in_place=not (torch.is_grad_enabled() or capturing()))
             if backend is Backend.ONEDNN:
                 gathered = gather_onednn(values, combined)
             else:
@@ -625,8 +636,9 @@ class ConvAttention2d(nn.Module):
     def attention(self, x: Tensor) -> AttentionMaps:
         """The attention maps this layer applies to ``x`` (detached), with the offsets to measure them."""
         with torch.no_grad():
-            _, positional, content, weight, out_size = self._attend(x)
-            combined = self._mix(positional, content, weight)
+            _, content, weight, out_size = self._attend(x)
+            positional = self._positional(x.shape[-2], x.shape[-1], x.dtype)
+            combined = self._mix(x, content, weight)
             height, width = x.shape[-2:]
             offsets = relative_offsets(self.geometry, height, width, image_keys=self._image_keys, device=x.device)
             return AttentionMaps(
