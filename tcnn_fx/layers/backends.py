@@ -61,10 +61,9 @@ INFERENCE_IMAGES = 8
 LOG2_E = math.log2(math.e)
 #: The fewest channels at which the oneDNN gather is chosen.
 ONEDNN_CHANNELS = 128
-#: The SIMD levels (``torch.backends.cpu.get_cpu_capability()``) where the layer's products run on oneDNN
-#: (the gather as grouped convolutions, queries and keys as a 1x1 convolution): on AVX-512 AMD processors MKL's
-#: ``bmm`` skips AVX-512 and oneDNN ran the gather at 1.7x its rate; on AVX2 ``bmm`` ran it at twice oneDNN's,
-#: and a matrix product computed queries and keys in 0.55-0.75 of the 1x1 convolution's time.
+#: The SIMD levels (``torch.backends.cpu.get_cpu_capability()``) where the layer's products run on oneDNN (the
+#: gather as grouped convolutions, queries and keys as a 1x1 convolution) rather than on the BLAS: where oneDNN
+#: was measured the faster (docs/conv_attention.md, "Efficiency").
 ONEDNN_CAPABILITIES = ("AVX512",)
 
 

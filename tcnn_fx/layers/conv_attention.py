@@ -482,14 +482,15 @@ class ConvAttention2d(nn.Module):
     def _queries_keys(self, queries: Tensor, keys: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
         """Content queries and keys ``(B, heads * qk_dim, pixels)``, queries scaled by ``scale / sqrt(qk_dim)``.
 
-        A 1x1 convolution where oneDNN is the faster (``backends.onednn_faster``)
-        and in captured graphs (exported ones as before, compiled ones left to
-        the compiler), a matrix product on the BLAS elsewhere; one product for
-        both where queries and keys are the same pixels.
+        A matrix product on the BLAS in inference where oneDNN is not the
+        faster (``backends.onednn_faster``); a 1x1 convolution otherwise: under
+        autograd (its backward measured faster than the product's), in
+        captured graphs and where oneDNN is the faster.  One product for both
+        where queries and keys are the same pixels.
         """
         width = self.num_heads * self.qk_dim
         weights = self._qk_weights(scale)  # (2 * width, C): scaled query weights, then key weights
-        convolve = capturing() or onednn_faster()
+        convolve = torch.is_grad_enabled() or capturing() or onednn_faster()
 
         def product(weight: Tensor, pixels: Tensor) -> Tensor:
             if convolve:
