@@ -87,3 +87,15 @@ def test_training_uses_it_and_inference_does_not():
             names.add(type(node).__name__)
             stack += [n for n, _ in node.next_functions]
     assert "AttendGatherBackward" in names and "AddcmulBackward0" not in names  # the mix runs inside it
+
+
+@pytest.mark.parametrize(("outputs", "queries"), [(3, 6), (30, 2)])  # weight gradient per image / contracted
+def test_projection_backward_gradcheck_in_float64(outputs, queries):
+    from tcnn_fx.layers.attention_backward import PER_IMAGE_WEIGHT_PRODUCTS, ProjectProduct
+
+    assert (outputs <= PER_IMAGE_WEIGHT_PRODUCTS * queries) == (outputs == 3)  # one case each way
+    torch.manual_seed(0)
+    weight = torch.randn(2, outputs, 4, dtype=torch.float64, requires_grad=True)
+    gathered = torch.randn(5, 2, 4, queries, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ProjectProduct.apply, (weight, gathered))
+    assert torch.autograd.gradgradcheck(ProjectProduct.apply, (weight, gathered))

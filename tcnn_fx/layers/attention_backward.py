@@ -193,6 +193,11 @@ def _mix(attention: Tensor, positional: Tensor, weight: Tensor, out: Tensor | No
     return torch.addcmul(base, attention, weight[:, None, None], out=out)
 
 
+#: ``ProjectProduct``'s weight gradient sums per-image products while they are at most this many times the
+#: gathered taps' size (``outputs / queries``), and contracts over images and queries at once beyond it.
+PER_IMAGE_WEIGHT_PRODUCTS = 4
+
+
 class ProjectProduct(torch.autograd.Function):
     """``weight @ gathered``: every head's output projection, per group, with a backward in recycled memory.
 
@@ -223,7 +228,11 @@ class ProjectProduct(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_gathered = product(weight.mT, grad, gathered.shape)
         if ctx.needs_input_grad[0]:
-            grad_weight = product(grad, gathered.mT, (gathered.shape[0], *weight.shape)).sum(0)
+            outputs, queries = grad.shape[-2:]
+            if outputs <= PER_IMAGE_WEIGHT_PRODUCTS * queries:  # per-image products as large as the taps, summed
+                grad_weight = product(grad, gathered.mT, (gathered.shape[0], *weight.shape)).sum(0)
+            else:  # one contraction over images and queries: no per-image products many times the taps' size
+                grad_weight = torch.einsum("bgoq,bgpq->gop", grad, gathered)
         return grad_weight, grad_gathered
 
 
