@@ -58,6 +58,17 @@ def test_a_block_serves_only_its_dtype_and_size():
     assert bigger.numel() == 11 and bigger.data_ptr() != pointer
 
 
+def test_a_free_block_serves_smaller_requests_down_to_half_its_size():
+    like = torch.empty(0)
+    block = workspace.empty((20,), like)
+    pointer = block.data_ptr()
+    del block
+    smaller = workspace.empty((3, 4), like)  # 12 of the 20
+    assert smaller.data_ptr() == pointer and smaller.is_contiguous() and smaller.shape == (3, 4)
+    del smaller
+    assert workspace.empty((9,), like).data_ptr() != pointer  # under half: a block of its own
+
+
 def test_free_blocks_beyond_the_retained_bytes_are_released(monkeypatch):
     monkeypatch.setattr(workspace, "RETAIN_BYTES", 4096)
     like = torch.empty(0)

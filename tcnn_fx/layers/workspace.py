@@ -12,7 +12,8 @@ training step.  The allocator settings that keep freed memory
 (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``) removed them; this
 module removes them in the default process, for these tensors only.
 
-How: ``empty`` returns a view of a block kept here.  A block is free again
+How: ``empty`` returns a view of a block kept here (the smallest free one
+of the dtype holding at least the request and at most ``FIT`` times it).  A block is free again
 as soon as nothing but this module references its storage (its use count
 is one): when the caller drops the tensor, or autograd releases it after
 the backward (a graph kept with ``retain_graph`` keeps its blocks busy), so
@@ -36,6 +37,9 @@ from tcnn_fx.layers.backends import capturing
 
 #: Bytes of free blocks kept for reuse; beyond it the least recently used free blocks are released.
 RETAIN_BYTES = 1 << 30
+#: A free block serves a request of at least ``1 / FIT`` of its size (layers of a model share blocks; a small
+#: request does not hold a large block).
+FIT = 2
 
 _lock = threading.Lock()
 #: id -> (block, its storage, the storage's use count when nothing else uses it), least recently used first.
@@ -64,10 +68,15 @@ def empty(shape: tuple[int, ...], like: Tensor) -> Tensor:
     if nbytes > RETAIN_BYTES or not usable(like):
         return like.new_empty(shape)
     with _lock:
-        for key, entry in _blocks.items():
-            if entry[0].dtype == like.dtype and entry[0].numel() == numel and _free(entry):
-                _blocks.move_to_end(key)
-                return entry[0].view(shape)
+        fits = [
+            (entry[0].numel(), key)
+            for key, entry in _blocks.items()
+            if entry[0].dtype == like.dtype and numel <= entry[0].numel() <= FIT * numel and _free(entry)
+        ]
+        if fits:  # the smallest free block that fits
+            key = min(fits)[1]
+            _blocks.move_to_end(key)
+            return _blocks[key][0][:numel].view(shape)
         with torch.inference_mode(False):  # a block made in inference mode could not be written outside it
             block = torch.empty(numel, dtype=like.dtype)
         # The Python storage object is held too (it owns a reference of its own once made), so the use count
