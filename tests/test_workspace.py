@@ -82,6 +82,14 @@ def test_free_blocks_beyond_the_retained_bytes_are_released(monkeypatch):
     assert workspace.held_bytes() == 0
 
 
+def test_free_blocks_beyond_the_retained_count_are_released(monkeypatch):
+    monkeypatch.setattr(workspace, "RETAIN_BLOCKS", 4)
+    like = torch.empty(0)
+    for size in range(10, 400, 13):  # 30 growing sizes: no free block can serve the next
+        workspace.empty((size * size,), like)
+    assert len(workspace._blocks) <= 4 + 1
+
+
 def test_requests_larger_than_the_retained_bytes_are_fresh(monkeypatch):
     monkeypatch.setattr(workspace, "RETAIN_BYTES", 1024)
     tensor = workspace.empty((1000,), torch.empty(0))

@@ -13,15 +13,16 @@ training step.  The allocator settings that keep freed memory
 module removes them in the default process, for these tensors only.
 
 How: ``empty`` returns a view of a block kept here (the smallest free one
-of the dtype holding at least the request and at most ``FIT`` times it).  A block is free again
-as soon as nothing but this module references its storage (its use count
-is one): when the caller drops the tensor, or autograd releases it after
-the backward (a graph kept with ``retain_graph`` keeps its blocks busy), so
-a block is never handed out while any tensor still reads it.  Free blocks
-beyond ``RETAIN_BYTES`` are released, least recently used first, so the
-memory held for shapes no longer used stays bounded; ``release`` frees
-every free block now.  Only plain CPU tensors outside graph capture use it
-(``usable``); a request above ``RETAIN_BYTES`` is allocated afresh.
+of the dtype holding at least the request and at most ``FIT`` times it).
+A block is free again as soon as nothing but this module references its
+storage: when the caller drops the tensor, or autograd releases it after the
+backward (a graph kept with ``retain_graph`` keeps its blocks busy), so a
+block is never handed out while any tensor still reads it.  Free blocks
+beyond ``RETAIN_BYTES`` or ``RETAIN_BLOCKS`` are released, least recently
+used first, so the memory held for shapes no longer used stays bounded;
+``release`` frees every free block now.  Only plain CPU tensors outside
+graph capture use it (``usable``); a request above ``RETAIN_BYTES`` is
+allocated afresh.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ from torch import Tensor
 
 from tcnn_fx.layers.backends import capturing
 
-#: Bytes of free blocks kept for reuse; beyond it the least recently used free blocks are released.
+#: Bytes and number of free blocks kept for reuse; beyond either the least recently used free blocks are
+#: released (many input sizes, as in detection, would otherwise leave many small blocks to scan).
 RETAIN_BYTES = 1 << 30
+RETAIN_BLOCKS = 32
 #: A free block serves a request of at least ``1 / FIT`` of its size (layers of a model share blocks; a small
 #: request does not hold a large block).
 FIT = 2
@@ -84,14 +87,14 @@ def empty(shape: tuple[int, ...], like: Tensor) -> Tensor:
         storage = block.untyped_storage()
         _blocks[id(block)] = (block, storage, _use_count(storage))
         tensor = block.view(shape)  # busy from here on
-        _trim(RETAIN_BYTES)
+        _trim(RETAIN_BYTES, RETAIN_BLOCKS)
         return tensor
 
 
 def release() -> None:
     """Free every block no tensor uses now."""
     with _lock:
-        _trim(0)
+        _trim(0, 0)
 
 
 def held_bytes() -> int:
@@ -110,12 +113,15 @@ def _free(entry: tuple[Tensor, torch.UntypedStorage, int]) -> bool:
     return _use_count(storage) == idle
 
 
-def _trim(limit: int) -> None:
-    """Release free blocks, least recently used first, until the free ones hold at most ``limit`` bytes."""
+def _trim(limit_bytes: int, limit_blocks: int) -> None:
+    """Release free blocks, least recently used first, until the free ones are at most ``limit_blocks`` holding
+    at most ``limit_bytes``."""
     free = [key for key, entry in _blocks.items() if _free(entry)]
     held = sum(_blocks[key][0].numel() * _blocks[key][0].element_size() for key in free)
+    count = len(free)
     for key in free:
-        if held <= limit:
+        if held <= limit_bytes and count <= limit_blocks:
             break
         block = _blocks.pop(key)[0]
         held -= block.numel() * block.element_size()
+        count -= 1
