@@ -81,12 +81,22 @@ def _forward(q: Tensor, k: Tensor, values: Tensor, positional: Tensor, weight: T
     batch, channels, keys = values.shape
     heads, queries = positional.shape[:2]
     # The maps and the gathered taps in recycled memory (``workspace``): no page faults for them each step.
-    scores = torch.matmul(q.transpose(-1, -2), k, out=workspace.empty((batch, heads, queries, keys), q))
-    attention = torch.ops.aten._softmax.out(scores, -1, False, out=workspace.empty(scores.shape, q))
+    scores, attention = scores_softmax(q, k)
     mixed = _mix(attention, positional, weight, out=scores)  # then the scores' memory holds the mix
     gathered = workspace.empty((batch, channels, heads * queries), values)
     torch.bmm(values, mixed.reshape(batch, heads * queries, keys).mT, out=gathered)
     return gathered.reshape(batch, channels, heads, queries), attention
+
+
+def scores_softmax(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """Content scores ``q^T k`` and their softmax, ``(B, H, Q, K)`` each, both in recycled memory where usable.
+
+    ``q`` ``(B, H, d, Q)`` (already scaled), ``k`` ``(B, H, d, K)``; the
+    scores' memory is the caller's to reuse (the mix is written over it).
+    """
+    shape = (*q.shape[:2], q.shape[-1], k.shape[-1])
+    scores = torch.matmul(q.transpose(-1, -2), k, out=workspace.empty(shape, q))
+    return scores, torch.ops.aten._softmax.out(scores, -1, False, out=workspace.empty(shape, q))
 
 
 def _backward(

@@ -32,7 +32,7 @@ from torch.nn.utils import prune, skip_init
 
 from tcnn_fx.errors import InvalidInputError, UsageError
 from tcnn_fx.layers import native, workspace
-from tcnn_fx.layers.attention_backward import ProjectProduct, attend_gather
+from tcnn_fx.layers.attention_backward import ProjectProduct, attend_gather, scores_softmax
 from tcnn_fx.layers.backends import (
     INFERENCE_IMAGES,
     LOG2_E,
@@ -522,9 +522,7 @@ class ConvAttention2d(nn.Module):
         if not scratch:
             scores = torch.matmul(q.transpose(-1, -2), k)
             return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(queries.dtype)
-        shape = (*q.shape[:2], q.shape[-1], k.shape[-1])
-        scores = torch.matmul(q.transpose(-1, -2), k, out=workspace.empty(shape, q))
-        return torch.ops.aten._softmax.out(scores, -1, False, out=workspace.empty(shape, q))
+        return scores_softmax(q, k)[1]
 
     def _attend(self, x: Tensor, *, scratch: bool = False) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
         """Key/value pixels, content attention, per-head content weight ``(1, heads, 1, 1)``, output size."""

@@ -30,7 +30,7 @@ import os
 import torch
 from torch import Tensor
 
-from tcnn_fx.layers import cpp_kernels, native
+from tcnn_fx.layers import cpp_kernels, native, workspace
 
 #: Environment variable: ``1`` uses the kernel on any processor, ``0`` never; unset (or ``auto``), at the
 #: ``DEFAULT_CAPABILITIES`` unless ``TCNN_FX_NATIVE=0``.
@@ -59,13 +59,8 @@ def _readable(tensors: tuple[Tensor, ...]) -> bool:
     return (
         dtype in DTYPES
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        and all(
-            type(t) in (Tensor, torch.nn.Parameter)
-            and t.device.type == "cpu"
-            and t.dtype == dtype
-            and not torch._C._functorch.is_functorch_wrapped_tensor(t)
-            for t in tensors
-        )
+        and all(t.dtype == dtype for t in tensors)
+        and workspace.plain_cpu(tensors)
     )
 
 
