@@ -5,9 +5,10 @@ and ResNet-56 (policy ``last``, batch 128, 32 px) and ResNet-50 (``stage3+4``,
 batch 16, 160 px).  Each model's step is timed interleaved with its CNN's
 and, in the same run, with the hybrid trained through autograd over the
 composed operators (the layer before ``attention_backward``) and with the
-backward's compiled kernel off (``TCNN_FX_NATIVE_BACKWARD=0`` for that
-step), so the table shows what the hand-written backward and the kernel
-changed.  Several independent runs
+compiled kernel over the attention maps off (``TCNN_FX_NATIVE_MAPS=0`` for
+that step: the forward's scores, softmax and mix and the backward's
+elementwise work on PyTorch operators), so the table shows what the
+hand-written backward and the kernel changed.  Several independent runs
 (``--runs``, each a fresh process) give the spread.  Peak memory of one
 training step (resident set growth of a fresh process over three steps) is
 measured per model in its own process.
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 import tcnn_fx
 from benchmarks.fresh_runs import ONE_RUN, fresh_runs, spread
-from tcnn_fx.layers import conv_attention, native_backward
+from tcnn_fx.layers import conv_attention, native_maps
 from tcnn_fx.layers.backends import Backend, choose
 from tcnn_fx.specs import load_model
 from tcnn_fx.timing import time_side_by_side
@@ -78,18 +79,18 @@ def composed(step):
 
 
 def unfused(step):
-    """``step`` with the backward's elementwise work on PyTorch operators instead of its compiled kernel."""
+    """``step`` with the work over the attention maps on PyTorch operators instead of their compiled kernel."""
 
     def run():
-        setting = os.environ.get(native_backward.SETTING)
-        os.environ[native_backward.SETTING] = "0"
+        setting = os.environ.get(native_maps.SETTING)
+        os.environ[native_maps.SETTING] = "0"
         try:
             step()
         finally:
             if setting is None:
-                del os.environ[native_backward.SETTING]
+                del os.environ[native_maps.SETTING]
             else:
-                os.environ[native_backward.SETTING] = setting
+                os.environ[native_maps.SETTING] = setting
 
     return run
 
@@ -103,7 +104,7 @@ def time_case(case: str, rounds: int) -> dict:
     ratio = timing["hybrid"].median / timing["cnn"].median
     return {
         "cnn_s": timing["cnn"].median, "hybrid_s": timing["hybrid"].median, "composed_s": timing["composed"].median,
-        "unfused_s": timing["unfused"].median, "backward_kernel": native_backward.enabled(),
+        "unfused_s": timing["unfused"].median, "maps_kernel": native_maps.enabled(),
         "ratio": ratio, "composed_ratio": timing["composed"].median / timing["cnn"].median,
         "unfused_ratio": timing["unfused"].median / timing["cnn"].median,
         "flop_ratio": flop_ratio, "ratio_over_flop_ratio": ratio / flop_ratio,

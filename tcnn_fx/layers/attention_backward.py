@@ -20,8 +20,9 @@ derives every gradient from ``dM = dG^T V`` in a few passes:
 Between the products, composed from PyTorch operators (``_map_gradients``),
 the maps are walked four times (``dM * A`` in place of ``dM``, its row
 sums, its batch sum, ``- A r`` in place: eight reads and writes); the
-compiled kernel of ``native_backward``, where it is used, does the same in
-one pass (reads ``dM`` and ``A``, writes ``dS`` over ``dM``).
+compiled kernel of ``native_maps``, where it is used, does the same in
+one pass (reads ``dM`` and ``A``, writes ``dS`` over ``dM``), as it does
+the forward's scores, softmax and mix.
 
 Both directions are registered with PyTorch as operators
 (``torch.library.custom_op``) with fake implementations that state their
@@ -46,7 +47,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tcnn_fx.layers import native_backward, workspace
+from tcnn_fx.layers import native_maps, workspace
 
 
 class AttendGather(torch.autograd.Function):
@@ -81,8 +82,12 @@ def _forward(q: Tensor, k: Tensor, values: Tensor, positional: Tensor, weight: T
     batch, channels, keys = values.shape
     heads, queries = positional.shape[:2]
     # The maps and the gathered taps in recycled memory (``workspace``): no page faults for them each step.
-    scores, attention = scores_softmax(q, k)
-    mixed = _mix(attention, positional, weight, out=scores)  # then the scores' memory holds the mix
+    fused = native_maps.content_mix(q, k, positional * (1 - weight)[:, None, None], weight, keep=True)
+    if fused is not None:  # scores, softmax and mix in one pass of the compiled kernel
+        mixed, attention = fused
+    else:
+        scores, attention = scores_softmax(q, k)
+        mixed = _mix(attention, positional, weight, out=scores)  # then the scores' memory holds the mix
     gathered = workspace.empty((batch, channels, heads * queries), values)
     torch.bmm(values, mixed.reshape(batch, heads * queries, keys).mT, out=gathered)
     return gathered.reshape(batch, channels, heads, queries), attention
@@ -124,7 +129,7 @@ def _backward(
         return [grad_values]
     out = None if buffer is None else buffer.view(batch, heads * queries, keys)
     grad_mixed = torch.bmm(flat.mT, values, out=out).reshape(batch, heads, queries, keys)
-    maps = native_backward.map_gradients(grad_mixed, attention, positional, weight, needs)
+    maps = native_maps.map_gradients(grad_mixed, attention, positional, weight, needs)
     scores_grad, grad_positional, grad_weight = maps or _map_gradients(grad_mixed, attention, positional, weight, needs)
     grad_q = grad_k = None
     if scores_grad is not None:
@@ -141,7 +146,7 @@ def _map_gradients(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """``dS / w`` (over ``grad_mixed``), ``dP`` and ``dw`` from ``dM``, each ``None`` where not needed.
 
-    PyTorch operators; ``native_backward.map_gradients`` computes the same in one pass where it is used.
+    PyTorch operators; ``native_maps.map_gradients`` computes the same in one pass where it is used.
     """
     summed = grad_mixed.sum(0) if needs[3] or needs[4] else None  # sum over the batch, (H, Q, K)
     product = grad_mixed.mul_(attention)  # dM * A, in place of dM (dM itself is not needed again)

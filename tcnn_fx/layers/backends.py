@@ -15,7 +15,9 @@ them:
   autocast (the composed forward, a leaner backward);
 * ``COMPOSED``: PyTorch operators and ``torch.bmm`` for everything else:
   half precision, autocast, GPU inference, and graphs captured for use
-  outside PyTorch.
+  outside PyTorch; in eager float32 CPU inference the content scores,
+  softmax and mix are one pass of the maps kernel (``native_maps``) where
+  it is used, as they are in ``TRAINING``'s forward.
 
 How each kind of capture runs the layer:
 

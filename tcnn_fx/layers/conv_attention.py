@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune, skip_init
 
 from tcnn_fx.errors import InvalidInputError, UsageError
-from tcnn_fx.layers import native, workspace
+from tcnn_fx.layers import native, native_maps, workspace
 from tcnn_fx.layers.attention_backward import ProjectProduct, attend_gather, scores_softmax
 from tcnn_fx.layers.backends import (
     INFERENCE_IMAGES,
@@ -511,24 +511,40 @@ class ConvAttention2d(nn.Module):
             return compute()
         return self._cached("qk_weights", (scale, self.query_weight, self.key_weight), compute)
 
-    def _content(self, queries: Tensor, keys: Tensor, *, scratch: bool = False) -> Tensor:
-        """Content attention ``(B, heads, queries, keys)``: softmax of scaled query-key products.
+    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
+        """Content queries and keys per head ``(B, heads, qk_dim, pixels)``, key/value pixels, output size."""
+        queries, keys, out_size = self._pixels(x)
+        q, k = (t.unflatten(1, (self.num_heads, self.qk_dim)) for t in self._queries_keys(queries, keys))
+        return q, k, keys, out_size
+
+    def _content(self, q: Tensor, k: Tensor, *, scratch: bool = False) -> Tensor:
+        """Content attention ``(B, heads, queries, keys)``: softmax of the query-key products (queries scaled).
 
         With ``scratch`` (float32 or float64 without autograd) the scores and
         the result are in recycled memory (``workspace``).
         """
-        heads_dim = (self.num_heads, self.qk_dim)
-        q, k = (t.unflatten(1, heads_dim) for t in self._queries_keys(queries, keys))  # (B, heads, dim, pixels)
         if not scratch:
             scores = torch.matmul(q.transpose(-1, -2), k)
-            return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(queries.dtype)
+            return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
         return scores_softmax(q, k)[1]
 
-    def _attend(self, x: Tensor, *, scratch: bool = False) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
-        """Key/value pixels, content attention, per-head content weight ``(1, heads, 1, 1)``, output size."""
-        queries, keys, out_size = self._pixels(x)
-        content = self._content(queries, keys, scratch=scratch)
-        return keys, content, self.content_weight().to(x.dtype).reshape(1, -1, 1, 1), out_size
+    def _mixed(self, x: Tensor, q: Tensor, k: Tensor, *, scratch: bool) -> Tensor:
+        """The maps the layer applies, ``(1 - w) * positional + w * content`` per head, ``(B, heads, queries, keys)``.
+
+        With ``scratch`` (eager inference, recycled memory) in one pass of the
+        compiled kernel where it is used (``native_maps``), else composed
+        with the content map overwritten by the mix.
+        """
+        weight = self.content_weight().to(x.dtype)
+        if scratch:
+            base = self._positional_term(x.shape[-2], x.shape[-1], x.dtype)[0]
+            fused = native_maps.content_mix(q, k, base, weight, keep=False)
+            if fused is not None:
+                return fused[0]
+        content = self._content(q, k, scratch=scratch)
+        # In eager inference the mix overwrites the content map: one large allocation fewer.
+        in_place = not (torch.is_grad_enabled() or capturing())
+        return self._mix(x, content, weight.reshape(1, -1, 1, 1), in_place=in_place)
 
     def _mix(self, x: Tensor, content: Tensor, weight: Tensor, *, in_place: bool = False) -> Tensor:
         """``(1 - w) * positional + w * content`` per head for input ``x``, in one pass over the content maps.
@@ -569,8 +585,7 @@ class ConvAttention2d(nn.Module):
         if backend is Backend.KERNEL:
             gathered, (out_h, out_w) = self._attend_gather(x, native.attend_gather())
         elif backend is Backend.TRAINING:
-            queries, keys, (out_h, out_w) = self._pixels(x)
-            q, k = (t.unflatten(1, (self.num_heads, self.qk_dim)) for t in self._queries_keys(queries, keys))
+            q, k, keys, (out_h, out_w) = self._heads(x)
             positional = self._positional(x.shape[-2], x.shape[-1], x.dtype)
             gathered = attend_gather(q, k, keys.flatten(2), positional, self.content_weight().to(x.dtype))
             out = self._project_product(gathered).reshape(x.shape[0], self.out_channels, out_h, out_w)
@@ -578,9 +593,8 @@ class ConvAttention2d(nn.Module):
         else:
             # Eager CPU inference keeps its maps (and the bmm gather's taps) in recycled memory.
             scratch = x.dtype in (torch.float32, torch.float64) and not torch.is_grad_enabled() and workspace.usable(x)
-            values, content, weight, (out_h, out_w) = self._attend(x, scratch=scratch)
-            # In eager inference the mix overwrites the content map: one large allocation fewer.
-            combined = self._mix(x, content, weight, in_place=not (torch.is_grad_enabled() or capturing()))
+            q, k, values, (out_h, out_w) = self._heads(x)
+            combined = self._mixed(x, q, k, scratch=scratch)
             if backend is Backend.ONEDNN:
                 gathered = gather_onednn(values, combined)
             else:
@@ -635,9 +649,11 @@ class ConvAttention2d(nn.Module):
     def attention(self, x: Tensor) -> AttentionMaps:
         """The attention maps this layer applies to ``x`` (detached), with the offsets to measure them."""
         with torch.no_grad():
-            _, content, weight, out_size = self._attend(x)
+            q, k, _, out_size = self._heads(x)
+            content = self._content(q, k)
+            weight = self.content_weight().to(x.dtype)
             positional = self._positional(x.shape[-2], x.shape[-1], x.dtype)
-            combined = self._mix(x, content, weight)
+            combined = self._mix(x, content, weight.reshape(1, -1, 1, 1))
             height, width = x.shape[-2:]
             offsets = relative_offsets(self.geometry, height, width, image_keys=self._image_keys, device=x.device)
             return AttentionMaps(

@@ -1,0 +1,227 @@
+"""The compiled kernel over the attention maps (``native_maps``): the same maps and gradients, used where enabled.
+
+``csrc/attend_maps.cpp`` replaces the forward's content scores, softmax and
+mix, and the backward's elementwise passes (softmax backward, batch sum,
+content-weight reductions); the maps must equal the PyTorch operators' to
+float32 rounding and every gradient to float rounding, for every subset of
+inputs that needs one, and a failed build must leave the layer correct with
+one warning.  The build (about 40 s) happens once per machine, cached under
+``TORCH_EXTENSIONS_DIR``.
+"""
+
+import shutil
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+from strategies import relative_error
+from torch import nn
+
+from tcnn_fx import ConvAttention2d
+from tcnn_fx.layers import cpp_kernels, native, native_maps
+from tcnn_fx.layers.attention_backward import attend_gather
+
+NEEDS = [(0, 1, 2, 3, 4), (0,), (1,), (2,), (3,), (4,), (3, 4), (0, 1, 2), (0, 4), (2, 3)]
+
+
+def operands(seed: int, dtype=torch.float64, batch=2, heads=3, dim=4, queries=5, keys=7, channels=3):
+    """``q, k, values, positional, weight`` as ``AttendGather`` takes them (weights in (0, 1): the gate open)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def tensor(*shape, positive=False):
+        t = torch.rand(*shape, generator=generator, dtype=dtype)
+        return (t if positive else t * 2 - 1).requires_grad_()
+
+    q, k, values = tensor(batch, heads, dim, queries), tensor(batch, heads, dim, keys), tensor(batch, channels, keys)
+    return q, k, values, tensor(heads, queries, keys, positive=True), tensor(heads, positive=True)
+
+
+@pytest.fixture
+def module(monkeypatch):
+    """The built kernel, enabled on any processor; skipped where it cannot be built (cached)."""
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler to build the kernel")
+    monkeypatch.setenv(native_maps.SETTING, "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a failed build warns; here it skips
+        built = native_maps._module()
+    if built is None:
+        pytest.skip("the kernel could not be built here")
+    return built
+
+
+@pytest.fixture
+def calls(module, monkeypatch) -> list[str]:
+    """The kernel enabled on any processor, its calls counted by name (``content_mix``, ``attend_backward``)."""
+    counted: list[str] = []
+
+    def counting(name):
+        def call(*args):
+            counted.append(name)
+            return getattr(module, name)(*args)
+
+        return call
+
+    kernels = SimpleNamespace(**{name: counting(name) for name in ("content_mix", "attend_backward")})
+    monkeypatch.setattr(native_maps, "_module", lambda: kernels)
+    return counted
+
+
+def composed_maps(q, k, base, weight):
+    """``M = base + w A`` and ``A = softmax(q^T k)`` from PyTorch operators."""
+    attention = torch.matmul(q.mT, k).softmax(-1)
+    return torch.addcmul(base, attention, weight[:, None, None]), attention
+
+
+@pytest.mark.parametrize(
+    ("batch", "heads", "dim", "queries", "keys"),
+    [(1, 9, 8, 64, 64), (3, 2, 5, 7, 13), (2, 4, 28, 49, 196), (1, 1, 3, 1, 1), (2, 3, 32, 21, 17), (1, 2, 8, 6, 50)],
+)
+def test_forward_maps_equal_the_operators(module, batch, heads, dim, queries, keys):
+    # Sizes on and off the kernel's vectors (8 or 16 keys), tiles (4 rows, 2 vectors) and tasks (16 rows).
+    generator = torch.Generator().manual_seed(batch * 1000 + keys)
+    qk = torch.randn(batch, heads, 2 * dim, max(queries, keys), generator=generator) * 2
+    q, k = qk[:, :, :dim, :queries], qk[:, :, dim:, :keys]  # views with strides the layer's products give
+    base = torch.rand(heads, queries, keys, generator=generator)
+    weight = torch.rand(heads, generator=generator)
+    expected_mixed, expected_attention = composed_maps(q, k, base, weight)
+    with torch.no_grad():
+        mixed, attention = native_maps.content_mix(q, k, base, weight, keep=True)
+        alone, nothing = native_maps.content_mix(q, k, base, weight, keep=False)
+    assert relative_error(mixed, expected_mixed) <= 2e-6 and (attention - expected_attention).abs().max() <= 1e-6
+    assert torch.equal(alone, mixed) and nothing.numel() == 0
+    assert torch.allclose(attention.sum(-1), torch.ones(()), atol=1e-6)
+
+
+def test_forward_with_shut_gates_is_the_positional_term_exactly(module):
+    # w = 0 (a layer as converted): M must be (1 - w) P to the last bit, whatever the content scores.
+    q, k = torch.randn(2, 3, 8, 30) * 50, torch.randn(2, 3, 8, 30)
+    base = torch.rand(3, 30, 30)
+    with torch.no_grad():
+        mixed, _ = native_maps.content_mix(q, k, base, torch.zeros(3), keep=False)
+    assert torch.equal(mixed, base.expand_as(mixed))
+
+
+def test_forward_not_used_where_it_cannot_read(calls):
+    q, k, base, weight = torch.randn(1, 2, 4, 5), torch.randn(1, 2, 4, 6), torch.rand(2, 5, 6), torch.rand(2)
+    assert native_maps.content_mix(q.double(), k.double(), base.double(), weight.double(), keep=False) is None
+    assert native_maps.content_mix(q.requires_grad_(), k, base, weight, keep=False) is None  # grad enabled
+    with torch.no_grad():
+        assert native_maps.content_mix(q, k, base, weight, keep=False) is not None
+    assert calls == ["content_mix"]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_layer_inference_equals_the_operators_with_the_gate_open(stride, calls, monkeypatch):
+    torch.manual_seed(stride)
+    layer = ConvAttention2d.from_conv(nn.Conv2d(16, 24, 3, stride, padding=1)).eval()
+    with torch.no_grad():
+        layer.gate.uniform_(0.1, 0.9)
+        layer.locality.fill_(1.5)
+    x = torch.randn(3, 16, 11, 9)
+
+    def run(kernel: bool):
+        with monkeypatch.context() as patch, torch.no_grad():
+            patch.setenv(native_maps.SETTING, "1" if kernel else "0")
+            return layer(x)
+
+    fused = run(True)
+    assert calls == ["content_mix"]
+    assert relative_error(fused, run(False)) <= 2e-6
+
+
+def gradients(inputs, wanted, kernel: bool, monkeypatch) -> list[torch.Tensor]:
+    """The gradients of the ``wanted`` inputs of ``attend_gather`` for a fixed output gradient."""
+    inputs = [t.detach().requires_grad_(i in wanted) for i, t in enumerate(inputs)]
+    with monkeypatch.context() as patch:
+        patch.setenv(native_maps.SETTING, "1" if kernel else "0")
+        out = attend_gather(*inputs)
+        grad = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+        return list(torch.autograd.grad(out, [inputs[i] for i in wanted], grad))
+
+
+def test_gradcheck_in_float64_through_the_kernel(calls):
+    assert torch.autograd.gradcheck(attend_gather, operands(0))
+    assert calls  # the analytical gradients came from the kernel
+
+
+@pytest.mark.parametrize("wanted", NEEDS, ids=str)
+def test_kernel_equals_operators_for_every_needs_mask(wanted, calls, monkeypatch):
+    # Sizes off every block: 3 x 70 rows of 67 keys span blocks of 61 rows with a tail; one image and several.
+    for seed, batch in ((1, 1), (2, 5)):
+        inputs = operands(seed, torch.float32, batch=batch, heads=3, dim=6, queries=70, keys=67, channels=5)
+        before = calls.count("attend_backward")
+        fused = gradients(inputs, wanted, True, monkeypatch)
+        assert calls.count("attend_backward") == before + (wanted != (2,))  # dV alone needs no map gradients
+        for i, actual, expected in zip(wanted, fused, gradients(inputs, wanted, False, monkeypatch), strict=True):
+            assert relative_error(actual, expected) <= 2e-6, (i, batch)
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3, 5])
+def test_layer_gradients_equal_with_the_gate_open(kernel_size, calls, monkeypatch):
+    torch.manual_seed(kernel_size)
+    layer = ConvAttention2d.from_conv(nn.Conv2d(6, 8, kernel_size, padding=kernel_size // 2))
+    with torch.no_grad():
+        layer.gate.fill_(0.4)
+        layer.locality.fill_(1.5)  # soft positional maps: gradient reaches centres and locality
+    x = torch.randn(3, 6, 7, 9)
+
+    def layer_gradients(kernel: bool):
+        with monkeypatch.context() as patch:
+            patch.setenv(native_maps.SETTING, "1" if kernel else "0")
+            layer.zero_grad(set_to_none=True)
+            inputs = x.clone().requires_grad_()
+            layer(inputs).square().sum().backward()
+        return {name: p.grad.clone() for name, p in layer.named_parameters()} | {"input": inputs.grad}
+
+    fused = layer_gradients(True)
+    assert set(calls) == {"content_mix", "attend_backward"}  # the forward's maps and the backward's
+    for name, expected in layer_gradients(False).items():
+        assert relative_error(fused[name], expected) <= 1e-5, name
+
+
+def test_used_by_default_where_measured_faster(monkeypatch):
+    monkeypatch.delenv(native_maps.SETTING, raising=False)
+    monkeypatch.delenv(native.SETTING, raising=False)
+    for capability, expected in (("AVX2", True), ("AVX512", False), ("DEFAULT", False)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert native_maps.enabled() is expected
+    monkeypatch.setenv(native.SETTING, "0")  # no compiled kernels at all
+    assert not native_maps.enabled()
+    monkeypatch.setenv(native_maps.SETTING, "1")  # unless this one is asked for
+    assert native_maps.enabled()
+    monkeypatch.setenv(native_maps.SETTING, "0")
+    monkeypatch.delenv(native.SETTING)
+    assert not native_maps.enabled()
+
+
+def test_not_used_on_tensors_it_cannot_read(calls):
+    # torch.func hands the backward wrapped tensors, which have no memory of their own: operators run instead.
+    inputs = operands(3)
+    wrapped = torch.func.grad(lambda q: attend_gather(q, *inputs[1:]).square().sum())(inputs[0])
+    assert not calls
+    (plain,) = torch.autograd.grad(attend_gather(*inputs).square().sum(), inputs[0])
+    assert calls
+    assert relative_error(wrapped, plain) <= 1e-12
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch):
+    def fail(**_):
+        raise RuntimeError("Error building extension 'tcnn_fx_attend_maps': no compiler")
+
+    inputs = operands(4, torch.float32)
+    expected = gradients(inputs, (0, 1, 2, 3, 4), False, monkeypatch)
+    monkeypatch.setattr(cpp_kernels._cpp_extension(), "load", fail)
+    cpp_kernels.build.cache_clear()
+    try:
+        expected_warning = "could not build its CPU attention kernel attend_maps.*no compiler"
+        with pytest.warns(RuntimeWarning, match=expected_warning):
+            first = gradients(inputs, (0, 1, 2, 3, 4), True, monkeypatch)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the failure is remembered: no second build, no second warning
+            again = gradients(inputs, (0, 1, 2, 3, 4), True, monkeypatch)
+        for a, b, c in zip(first, again, expected, strict=True):
+            assert torch.equal(a, c) and torch.equal(b, c)
+    finally:
+        cpp_kernels.build.cache_clear()  # later tests load the real build again
