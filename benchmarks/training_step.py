@@ -142,7 +142,7 @@ def main() -> None:
         "runs": runs, "peak_memory_mib": memory,
     }  # fmt: skip
     print(
-        "| model | FLOP ratio | train step hybrid / CNN (median of runs, min-max) | / FLOP ratio | backward kernel "
+        "| model | FLOP ratio | train step hybrid / CNN (median of runs, min-max) | / FLOP ratio | maps kernel "
         "off / CNN | composed autograd / CNN | peak memory hybrid / CNN |"
     )
     print("|---|---|---|---|---|---|---|")
