@@ -103,6 +103,24 @@ def test_forward_with_shut_gates_is_the_positional_term_exactly(module):
     assert torch.equal(mixed, base.expand_as(mixed))
 
 
+def test_forward_is_the_same_on_any_number_of_threads(module):
+    # Tasks of 16 map rows split over the thread pool: each row is written by one thread, whatever the count.
+    generator = torch.Generator().manual_seed(5)
+    q, k = torch.randn(3, 4, 8, 50, generator=generator), torch.randn(3, 4, 8, 70, generator=generator)
+    base, weight = torch.rand(4, 50, 70, generator=generator), torch.rand(4, generator=generator)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            with torch.no_grad():
+                results.append(native_maps.content_mix(q, k, base, weight, keep=True))
+    finally:
+        torch.set_num_threads(threads)
+    (mixed, attention), *others = results
+    assert all(torch.equal(m, mixed) and torch.equal(a, attention) for m, a in others)
+
+
 def test_forward_not_used_where_it_cannot_read(calls):
     q, k, base, weight = torch.randn(1, 2, 4, 5), torch.randn(1, 2, 4, 6), torch.rand(2, 5, 6), torch.rand(2)
     assert native_maps.content_mix(q.double(), k.double(), base.double(), weight.double(), keep=False) is None
