@@ -605,7 +605,7 @@ class ConvAttention2d(nn.Module):
         return _like_input(out, x)
 
     def _attend_gather(self, x: Tensor, kernel) -> tuple[Tensor, tuple[int, int]]:
-        """What ``_attend``, ``_mix`` and ``_gather_onednn`` compute, in one compiled pass; and the output size.
+        """What ``_mixed`` and the gather compute, in one compiled pass; and the output size.
 
         The kernel (``tcnn_fx.layers.native``) computes content scores, softmax,
         mix and gather per block of queries without writing the attention maps
