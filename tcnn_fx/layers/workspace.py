@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -45,8 +46,20 @@ RETAIN_BLOCKS = 32
 FIT = 2
 
 _lock = threading.Lock()
-#: id -> (block, its storage, the storage's use count when nothing else uses it), least recently used first.
-_blocks: OrderedDict[int, tuple[Tensor, torch.UntypedStorage, int]] = OrderedDict()
+
+
+class _Block(NamedTuple):
+    """A kept block, with what a request is matched on as plain Python values (no tensor call per block scanned)."""
+
+    tensor: Tensor
+    storage: torch.UntypedStorage
+    idle: int  # the storage's use count when nothing but this module references it
+    numel: int
+    dtype: torch.dtype
+
+
+#: id -> its entry, least recently used first.
+_blocks: OrderedDict[int, _Block] = OrderedDict()
 
 
 def plain_cpu(tensors: tuple[Tensor, ...]) -> bool:
@@ -71,21 +84,22 @@ def empty(shape: tuple[int, ...], like: Tensor) -> Tensor:
     if nbytes > RETAIN_BYTES or not usable(like):
         return like.new_empty(shape)
     with _lock:
+        dtype = like.dtype
         fits = [
-            (entry[0].numel(), key)
+            (entry.numel, key)
             for key, entry in _blocks.items()
-            if entry[0].dtype == like.dtype and numel <= entry[0].numel() <= FIT * numel and _free(entry)
+            if numel <= entry.numel <= FIT * numel and entry.dtype == dtype and _free(entry)
         ]
         if fits:  # the smallest free block that fits
             key = min(fits)[1]
             _blocks.move_to_end(key)
-            return _blocks[key][0][:numel].view(shape)
+            return _blocks[key].tensor[:numel].view(shape)
         with torch.inference_mode(False):  # a block made in inference mode could not be written outside it
             block = torch.empty(numel, dtype=like.dtype)
         # The Python storage object is held too (it owns a reference of its own once made), so the use count
         # of a free block is fixed: measured here, before any view exists.
         storage = block.untyped_storage()
-        _blocks[id(block)] = (block, storage, _use_count(storage))
+        _blocks[id(block)] = _Block(block, storage, _use_count(storage), numel, like.dtype)
         tensor = block.view(shape)  # busy from here on
         _trim(RETAIN_BYTES, RETAIN_BLOCKS)
         return tensor
@@ -100,28 +114,26 @@ def release() -> None:
 def held_bytes() -> int:
     """Bytes of the blocks held, busy or free."""
     with _lock:
-        return sum(entry[0].numel() * entry[0].element_size() for entry in _blocks.values())
+        return sum(entry.tensor.nbytes for entry in _blocks.values())
 
 
 def _use_count(storage: torch.UntypedStorage) -> int:
     return torch._C._storage_Use_Count(storage._cdata)
 
 
-def _free(entry: tuple[Tensor, torch.UntypedStorage, int]) -> bool:
+def _free(entry: _Block) -> bool:
     """Whether nothing but this module references the entry's block (no view, no autograd record of one)."""
-    _, storage, idle = entry
-    return _use_count(storage) == idle
+    return _use_count(entry.storage) == entry.idle
 
 
 def _trim(limit_bytes: int, limit_blocks: int) -> None:
     """Release free blocks, least recently used first, until the free ones are at most ``limit_blocks`` holding
     at most ``limit_bytes``."""
     free = [key for key, entry in _blocks.items() if _free(entry)]
-    held = sum(_blocks[key][0].numel() * _blocks[key][0].element_size() for key in free)
+    held = sum(_blocks[key].tensor.nbytes for key in free)
     count = len(free)
     for key in free:
         if held <= limit_bytes and count <= limit_blocks:
             break
-        block = _blocks.pop(key)[0]
-        held -= block.numel() * block.element_size()
+        held -= _blocks.pop(key).tensor.nbytes
         count -= 1
