@@ -130,10 +130,20 @@ def test_forward_not_used_where_it_cannot_read(calls):
     assert calls == ["content_mix"]
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-def test_layer_inference_equals_the_operators_with_the_gate_open(stride, calls, monkeypatch):
-    torch.manual_seed(stride)
-    layer = ConvAttention2d.from_conv(nn.Conv2d(16, 24, 3, stride, padding=1)).eval()
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"kernel_size": 3, "padding": 1},
+        {"kernel_size": 3, "stride": 2, "padding": 1},
+        {"kernel_size": (2, 3), "padding": "same", "dilation": 2, "padding_mode": "reflect"},  # keys on the padded grid
+        {"kernel_size": 5, "padding": 2, "groups": 4, "padding_mode": "circular"},
+        {"kernel_size": 1, "bias": False},
+    ],
+    ids=["3x3", "stride2", "dilated-reflect", "grouped-circular", "1x1"],
+)
+def test_layer_inference_equals_the_operators_with_the_gate_open(kwargs, calls, monkeypatch):
+    torch.manual_seed(len(calls))
+    layer = ConvAttention2d.from_conv(nn.Conv2d(16, 24, **kwargs)).eval()
     with torch.no_grad():
         layer.gate.uniform_(0.1, 0.9)
         layer.locality.fill_(1.5)
