@@ -82,12 +82,13 @@ def _forward(q: Tensor, k: Tensor, values: Tensor, positional: Tensor, weight: T
     batch, channels, keys = values.shape
     heads, queries = positional.shape[:2]
     # The maps and the gathered taps in recycled memory (``workspace``): no page faults for them each step.
-    fused = native_maps.content_mix(q, k, positional * (1 - weight)[:, None, None], weight, keep=True)
+    base = _kept(positional, weight)
+    fused = native_maps.content_mix(q, k, base, weight, keep=True)
     if fused is not None:  # scores, softmax and mix in one pass of the compiled kernel
         mixed, attention = fused
     else:
         scores, attention = scores_softmax(q, k)
-        mixed = _mix(attention, positional, weight, out=scores)  # then the scores' memory holds the mix
+        mixed = _mix(attention, base, weight, out=scores)  # then the scores' memory holds the mix
     gathered = workspace.empty((batch, channels, heads * queries), values)
     torch.bmm(values, mixed.reshape(batch, heads * queries, keys).mT, out=gathered)
     return gathered.reshape(batch, channels, heads, queries), attention
@@ -124,7 +125,8 @@ def _backward(
     recorded = torch.is_grad_enabled()
     buffer = None if recorded else workspace.empty((batch, heads, queries, keys), attention)
     if needs[2]:
-        grad_values = torch.bmm(flat, _mix(attention, positional, weight, out=buffer).flatten(1, 2))
+        mixed = _mix(attention, _kept(positional, weight), weight, out=buffer)
+        grad_values = torch.bmm(flat, mixed.flatten(1, 2))
     if not any(needs[i] for i in (0, 1, 3, 4)):  # dV alone: no dM
         return [grad_values]
     out = None if buffer is None else buffer.view(batch, heads * queries, keys)
@@ -202,10 +204,15 @@ def _registered_backward(ctx, grad: Tensor | None, _attention_grad: Tensor | Non
 _forward_op.register_autograd(_registered_backward, setup_context=AttendGather.setup_context)
 
 
-def _mix(attention: Tensor, positional: Tensor, weight: Tensor, out: Tensor | None = None) -> Tensor:
-    """``(1 - w) P + w A`` per head, ``(B, H, Q, K)``, into ``out`` if given."""
-    base = (positional * (1 - weight)[:, None, None]).unsqueeze(0)
-    return torch.addcmul(base, attention, weight[:, None, None], out=out)
+def _kept(positional: Tensor, weight: Tensor) -> Tensor:
+    """The positional part of the mix, ``(1 - w) P`` per head: ``(H, Q, K)``."""
+    return positional * (1 - weight)[:, None, None]
+
+
+def _mix(attention: Tensor, base: Tensor, weight: Tensor, out: Tensor | None = None) -> Tensor:
+    """``base + w A`` per head, ``(B, H, Q, K)`` (``base = _kept(P, w)``: the mix ``(1 - w) P + w A``), into
+    ``out`` if given."""
+    return torch.addcmul(base.unsqueeze(0), attention, weight[:, None, None], out=out)
 
 
 #: ``ProjectProduct``'s weight gradient sums per-image products while they are at most this many times the

@@ -8,6 +8,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "exp2.h"
+
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -25,25 +27,6 @@ constexpr int64_t CHANNEL_TILE = 8;
 inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof(v)); return v; }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 inline vf splat(float x) { return vf{} + x; }
-
-// 2^x for x <= 0: x = n + f with n the nearest integer, 2^f by its degree-7 Taylor polynomial
-// (relative error below 1e-8 for |f| <= 1/2), 2^n through the exponent bits; clamped at 2^-126.
-inline vf exp2_nonpositive(vf x) {
-  x = x < -126.0f ? splat(-126.0f) : x;
-  const vf round = splat(12582912.0f);  // 1.5 * 2^23
-  const vf n = (x + round) - round;
-  const vf f = x - n;
-  vf p = splat(1.5252734e-05f);
-  p = p * f + 1.5403530e-04f;
-  p = p * f + 1.3333558e-03f;
-  p = p * f + 9.6181291e-03f;
-  p = p * f + 5.5504109e-02f;
-  p = p * f + 2.4022651e-01f;
-  p = p * f + 6.9314718e-01f;
-  p = p * f + 1.0f;
-  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  return p * (vf)bits;
-}
 
 // out[r * out_stride + lane] = sum_i a[r * a_row + i * a_inner] * cols[i * BLOCK + lane]
 // for r < R and the first `used` lanes of NV vectors.
@@ -108,7 +91,7 @@ void attend_block(const Head& head, const Sizes& n, int64_t q0, int64_t used, fl
     }
     vf sum = {};
     for (int64_t key = 0; key < n.keys; ++key) {
-      const vf e = exp2_nonpositive(load(column + key * BLOCK) - top);
+      const vf e = exp2_nonpositive<vf, vi>(load(column + key * BLOCK) - top);
       store(column + key * BLOCK, e);
       sum += e;
     }

@@ -17,9 +17,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "exp2.h"
+
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -52,27 +53,8 @@ inline vf splat(float x) {
 }
 inline vf maximum(vf a, vf b) { return a > b ? a : b; }
 
-// 2^x for x <= 0: x = n + f with n the nearest integer, 2^f by its degree-7 Taylor polynomial (relative
-// error below 1e-8 for |f| <= 1/2), 2^n through the exponent bits; clamped at 2^-126.
-inline vf exp2_nonpositive(vf x) {
-  x = x < -126.0f ? splat(-126.0f) : x;
-  const vf round = splat(12582912.0f);  // 1.5 * 2^23
-  const vf n = (x + round) - round;
-  const vf f = x - n;
-  vf p = splat(1.5252734e-05f);
-  p = p * f + 1.5403530e-04f;
-  p = p * f + 1.3333558e-03f;
-  p = p * f + 9.6181291e-03f;
-  p = p * f + 5.5504109e-02f;
-  p = p * f + 2.4022651e-01f;
-  p = p * f + 6.9314718e-01f;
-  p = p * f + 1.0f;
-  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  return p * (vf)bits;
-}
-
 struct MixSizes {
-  int64_t dim, queries, keys, q_dim_stride, k_dim_stride;
+  int64_t dim, keys, q_dim_stride, k_dim_stride;
 };
 
 // rows[r * stride + key] = sum_d q[d * q_dim_stride + r] * k[d * k_dim_stride + key] for r < R, all keys.
@@ -115,7 +97,7 @@ void softmax_mix_row(float* scores, const float* base, float weight, float* mixe
   const vf highest = splat(top), log2_e = splat(LOG2_E);
   vf sums = {};
   for (int64_t key = 0; key < whole; key += LANES) {
-    const vf e = exp2_nonpositive((load(scores + key) - highest) * log2_e);
+    const vf e = exp2_nonpositive<vf, vi>((load(scores + key) - highest) * log2_e);
     store(scores + key, e);
     sums += e;
   }
@@ -161,7 +143,7 @@ void content_mix(const torch::Tensor& q, const torch::Tensor& k, const torch::Te
   const bool keep = attention.numel() > 0;
   TORCH_CHECK(!keep || (attention.is_contiguous() && attention.sizes() == mixed.sizes()),
               "content_mix: attention must be empty or like mixed");
-  const MixSizes n{q.size(2), queries, keys, q.stride(2), k.stride(2)};
+  const MixSizes n{q.size(2), keys, q.stride(2), k.stride(2)};
   const float* q_ptr = q.data_ptr<float>();
   const float* k_ptr = k.data_ptr<float>();
   const float* base_ptr = base.data_ptr<float>();
