@@ -10,9 +10,11 @@ with one; 28x28 and the CIFAR shape (C=64, 8x8) are reported.
 
 Runtimes: ``torch`` is the layer as it runs by default (on a processor where
 PyTorch dispatches to AVX-512, its compiled CPU kernel, ``tcnn_fx.layers.native``:
-scores, softmax, mix and gather in one pass; elsewhere PyTorch operators with
-the gather on oneDNN); ``torch-ops`` the layer composed from PyTorch operators
-alone (``TCNN_FX_NATIVE=0``); ``ort`` both exported to ONNX and run by ONNX
+scores, softmax, mix and gather in one pass; on AVX2 the maps kernel,
+``tcnn_fx.layers.native_maps``, for scores, softmax and mix, and PyTorch
+operators around it, the gather on ``torch.bmm``); ``torch-ops`` the layer
+composed from PyTorch operators alone (``TCNN_FX_NATIVE=0``, which turns both
+kernels off); ``ort`` both exported to ONNX and run by ONNX
 Runtime, the layer with every head's content weight at 0.1 (as converted, its
 file would be the convolution's graph).  Each run also times, at 14x14 and
 C=256, the attention's gather (every head applied to every channel) each way
