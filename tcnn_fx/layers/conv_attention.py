@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune, skip_init
 
 from tcnn_fx.errors import InvalidInputError, UsageError
-from tcnn_fx.layers import native, native_maps, workspace
+from tcnn_fx.layers import native, native_maps, native_projection, workspace
 from tcnn_fx.layers.attention_backward import ProjectProduct, attend_gather, scores_softmax
 from tcnn_fx.layers.backends import (
     INFERENCE_IMAGES,
@@ -261,6 +261,8 @@ class ConvAttention2d(nn.Module):
         self.gate = nn.Parameter(torch.empty(heads, **factory))
         self.reset_parameters()
         self._caches: dict[str, tuple] = {}  # slot: (key, value), see _cached
+        # native_projection.signature: whether the compiled projection reproduced the convolution's (_project).
+        self._projection_agrees: dict[tuple, bool] = {}
 
     def reset_parameters(self) -> None:
         """A random convolution (``nn.Conv2d``'s initialisation) and the attention at its initial state."""
@@ -625,12 +627,33 @@ class ConvAttention2d(nn.Module):
         """Every head's output projection of its gathered channels: ``(images, C_out, queries)``.
 
         Row ``r * heads + head`` of ``gathered`` is head ``head``'s gather
-        for image ``r`` (one image per batch entry, or all along the rows):
-        a (heads x 1) kernel with stride (heads, 1) applies all heads' taps
-        at once with the convolution's own weight, reshaped, and oneDNN sums
-        it in the convolution's order, so at init the result is the
-        convolution's to the last bit there.
+        for image ``r`` (one image per batch entry, or all along the rows).
+        The convolution's own arithmetic on the taps (``_project_convolution``),
+        or, in CPU inference, the compiled kernel where it has reproduced
+        that to the last bit for taps of this signature (``native_projection``:
+        checked on the first call of each).
         """
+        taps = gathered
+        if gathered.shape[2] != self.num_heads:  # images along the rows: (1, C, images * heads, queries)
+            taps = gathered[0].unflatten(1, (-1, self.num_heads)).transpose(0, 1)
+        if not native_projection.usable(taps):
+            return self._project_convolution(gathered)
+        ops = self._cached("projection", (self.weight,), lambda: native_projection.operands(self.weight, self.groups))
+        signature = native_projection.signature(taps)
+        agrees = self._projection_agrees.get(signature)
+        if agrees is None:
+            reference = self._project_convolution(gathered)
+            fast = native_projection.project(taps, ops, self.bias, self.out_channels)
+            self._projection_agrees[signature] = torch.equal(fast, reference)
+            return reference
+        if agrees:
+            return native_projection.project(taps, ops, self.bias, self.out_channels)
+        return self._project_convolution(gathered)
+
+    def _project_convolution(self, gathered: Tensor) -> Tensor:
+        """``_project`` as a (heads x 1) convolution with stride (heads, 1): all heads' taps at once with the
+        convolution's own weight, reshaped.  oneDNN sums it in the convolution's order, so at init the result is
+        the convolution's to the last bit where oneDNN sums both alike."""
         projection = self.weight.reshape(self.out_channels, -1, self.num_heads, 1)
         out = F.conv2d(gathered, projection, self.bias, stride=(self.num_heads, 1), groups=self.groups)
         return out.transpose(1, 2).flatten(0, 1)

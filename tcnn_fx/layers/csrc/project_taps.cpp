@@ -1,0 +1,189 @@
+// The output projection of ConvAttention2d on the CPU, summed in the order of oneDNN's direct convolution.
+//
+// The layer's heads gather every input channel at every kernel tap: taps[b, c, h, q] (image b, channel c,
+// head = tap h, output pixel q).  The projection is the convolution's own arithmetic on them:
+//   out[b, o, q] = bias[o] + sum_{c in o's group, h} weight[o, c, h] * taps[b, c, h, q]
+// and it reproduces the convolution to the last bit (where the attention maps are one-hot, at
+// initialisation) when every output is summed in the order the convolution sums it.  oneDNN's direct
+// convolution on AVX2 (the one PyTorch runs for float32 convolutions on such processors) starts each output
+// at its bias and adds, with one fused multiply-add each, the products of one block of 8 input channels at a
+// time, kernel taps outer, channels inner: the caller lists the reduction in that order (``channels`` and
+// ``taps``, and the packed weights), and this kernel adds the products in list order.
+//
+// Handed to oneDNN as a strided convolution (what the layer did before), the taps are reordered into
+// oneDNN's blocked layout first: a copy nine times the convolution's input, made on every call.  Here each
+// task copies a panel of the taps (the reduction's rows, 16 output pixels wide) into the cache once and
+// sweeps all its output channels over it, 6 at a time in registers.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t ROWS = 6;     // output channels per register tile (ROWS x 2 accumulators of 8 lanes)
+constexpr int64_t COLUMNS = 16; // output pixels per register tile and per panel row
+
+#if defined(__AVX2__) && defined(__FMA__)
+
+inline __m256i lanes_below(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// Rows r < valid and columns < cols (WIDE: up to 16, else up to 8) of one output tile, from the panel
+// (reduction, 16) and the packed weights (reduction, ROWS); each sum starts at the bias.
+template <bool WIDE>
+inline void tile(const float* panel, int64_t reduction, const float* weight, const float* bias, int64_t valid,
+                 float* out, int64_t pixels, int64_t cols) {
+#define TCNN_FX_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#define TCNN_FX_INIT(r) \
+  __m256 a##r##0 = _mm256_set1_ps(bias ? bias[std::min<int64_t>(r, valid - 1)] : 0.f), a##r##1 = a##r##0;
+  TCNN_FX_ROWS(TCNN_FX_INIT)
+  for (int64_t k = 0; k < reduction; ++k) {
+    const __m256 v0 = _mm256_load_ps(panel + k * COLUMNS);
+    const __m256 v1 = WIDE ? _mm256_load_ps(panel + k * COLUMNS + 8) : v0;
+    const float* w = weight + k * ROWS;
+#define TCNN_FX_STEP(r)                                 \
+  {                                                     \
+    const __m256 s = _mm256_broadcast_ss(w + r);        \
+    a##r##0 = _mm256_fmadd_ps(s, v0, a##r##0);          \
+    if (WIDE) a##r##1 = _mm256_fmadd_ps(s, v1, a##r##1); \
+  }
+    TCNN_FX_ROWS(TCNN_FX_STEP)
+  }
+  const __m256i low = lanes_below(cols), high = lanes_below(cols - 8);
+#define TCNN_FX_STORE(r)                                                                  \
+  if (r < valid) {                                                                        \
+    float* y = out + r * pixels;                                                          \
+    if (cols == COLUMNS) {                                                                \
+      _mm256_storeu_ps(y, a##r##0);                                                       \
+      _mm256_storeu_ps(y + 8, a##r##1);                                                   \
+    } else {                                                                              \
+      _mm256_maskstore_ps(y, low, a##r##0);                                               \
+      if (WIDE) _mm256_maskstore_ps(y + 8, high, a##r##1);                                \
+    }                                                                                     \
+  }
+  TCNN_FX_ROWS(TCNN_FX_STORE)
+#undef TCNN_FX_ROWS
+#undef TCNN_FX_INIT
+#undef TCNN_FX_STEP
+#undef TCNN_FX_STORE
+}
+
+void copy_panel(const float* source, const int64_t* offsets, int64_t reduction, int64_t cols, float* panel) {
+  if (cols == COLUMNS) {
+    for (int64_t k = 0; k < reduction; ++k) {
+      _mm256_store_ps(panel + k * COLUMNS, _mm256_loadu_ps(source + offsets[k]));
+      _mm256_store_ps(panel + k * COLUMNS + 8, _mm256_loadu_ps(source + offsets[k] + 8));
+    }
+    return;
+  }
+  const __m256i low = lanes_below(cols), high = lanes_below(cols - 8);
+  for (int64_t k = 0; k < reduction; ++k) {
+    _mm256_store_ps(panel + k * COLUMNS, _mm256_maskload_ps(source + offsets[k], low));
+    _mm256_store_ps(panel + k * COLUMNS + 8, _mm256_maskload_ps(source + offsets[k] + 8, high));
+  }
+}
+
+void sweep(const float* panel, int64_t reduction, const float* weight, const float* bias, int64_t valid, float* out,
+           int64_t pixels, int64_t cols) {
+  if (cols > 8)
+    tile<true>(panel, reduction, weight, bias, valid, out, pixels, cols);
+  else
+    tile<false>(panel, reduction, weight, bias, valid, out, pixels, cols);
+}
+
+#else  // portable build: the same order, one fused multiply-add at a time
+
+void copy_panel(const float* source, const int64_t* offsets, int64_t reduction, int64_t cols, float* panel) {
+  for (int64_t k = 0; k < reduction; ++k)
+    for (int64_t j = 0; j < cols; ++j) panel[k * COLUMNS + j] = source[offsets[k] + j];
+}
+
+void sweep(const float* panel, int64_t reduction, const float* weight, const float* bias, int64_t valid, float* out,
+           int64_t pixels, int64_t cols) {
+  for (int64_t r = 0; r < valid; ++r)
+    for (int64_t j = 0; j < cols; ++j) {
+      float acc = bias ? bias[r] : 0.f;
+      for (int64_t k = 0; k < reduction; ++k) acc = std::fma(weight[k * ROWS + r], panel[k * COLUMNS + j], acc);
+      out[r * pixels + j] = acc;
+    }
+}
+
+#endif
+
+}  // namespace
+
+// taps (B, C, H, Q) float32 with unit stride along Q (other strides free); packed (G, row blocks, K, ROWS):
+// each group's weights in reduction order, zero rows past the group's outputs; channels and tap_index (K,)
+// int64: the reduction order (channel within the group, tap); bias (O,) or empty; out (B, O, Q) contiguous;
+// scratch: at least threads x K x 16 floats.
+void project_taps(const torch::Tensor& taps, const torch::Tensor& packed, const torch::Tensor& channels,
+                  const torch::Tensor& tap_index, const torch::Tensor& bias, torch::Tensor out,
+                  torch::Tensor scratch) {
+  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&taps, &packed, &bias, &out, &scratch})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32, "project_taps takes float32 CPU tensors");
+  TORCH_CHECK(taps.dim() == 4 && taps.stride(3) == 1, "project_taps: taps must be (B, C, H, Q), unit stride along Q");
+  TORCH_CHECK(packed.dim() == 4 && packed.size(3) == ROWS && packed.is_contiguous(),
+              "project_taps: packed weights must be contiguous (G, blocks, K, 6)");
+  const int64_t groups = packed.size(0), row_blocks = packed.size(1), reduction = packed.size(2);
+  TORCH_CHECK(taps.size(1) % groups == 0 && reduction == taps.size(1) / groups * taps.size(2),
+              "project_taps: the packed weights do not match the taps' channels and heads");
+  TORCH_CHECK(channels.scalar_type() == torch::kInt64 && tap_index.scalar_type() == torch::kInt64 &&
+                  channels.numel() == reduction && tap_index.numel() == reduction && channels.is_contiguous() &&
+                  tap_index.is_contiguous(),
+              "project_taps: channels and taps must be contiguous int64 of the reduction's length");
+  const int64_t images = taps.size(0), pixels = taps.size(3), out_channels = out.size(1);
+  TORCH_CHECK(out.is_contiguous() && out.dim() == 3 && out.size(0) == images && out.size(2) == pixels &&
+                  out_channels % groups == 0 && (out_channels / groups + ROWS - 1) / ROWS == row_blocks,
+              "project_taps: out must be contiguous (B, O, Q) matching the packed weights");
+  TORCH_CHECK(bias.numel() == 0 || (bias.is_contiguous() && bias.numel() == out_channels), "project_taps: bias (O,)");
+  const int64_t threads = at::get_num_threads();
+  TORCH_CHECK(scratch.is_contiguous() && scratch.numel() >= threads * reduction * COLUMNS,
+              "project_taps: scratch too small");
+
+  const int64_t per_group = out_channels / groups, group_channels = taps.size(1) / groups;
+  const int64_t pixel_blocks = (pixels + COLUMNS - 1) / COLUMNS;
+  // Offsets of the reduction's rows within one group of one image.
+  std::vector<int64_t> offsets(reduction);
+  const int64_t* c = channels.data_ptr<int64_t>();
+  const int64_t* h = tap_index.data_ptr<int64_t>();
+  for (int64_t k = 0; k < reduction; ++k) offsets[k] = c[k] * taps.stride(1) + h[k] * taps.stride(2);
+  // Tasks: (image, group, pixel block, chunk of output row blocks); the chunks only where the other three
+  // give the threads too few tasks.
+  const int64_t panels = images * groups * pixel_blocks;
+  int64_t chunks = 1;
+  while (panels * chunks < 4 * threads && chunks < row_blocks) ++chunks;
+  const int64_t blocks_per_chunk = (row_blocks + chunks - 1) / chunks;
+
+  const float* source = taps.data_ptr<float>();
+  const float* weights = packed.data_ptr<float>();
+  const float* biases = bias.numel() ? bias.data_ptr<float>() : nullptr;
+  float* result = out.data_ptr<float>();
+  float* panels_memory = scratch.data_ptr<float>();
+  at::parallel_for(0, panels * chunks, 1, [&](int64_t begin, int64_t end) {
+    float* panel = panels_memory + at::get_thread_num() * reduction * COLUMNS;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t chunk = task % chunks, block = (task / chunks) % pixel_blocks;
+      const int64_t group = (task / (chunks * pixel_blocks)) % groups, image = task / (chunks * pixel_blocks * groups);
+      const int64_t q0 = block * COLUMNS, cols = std::min(COLUMNS, pixels - q0);
+      copy_panel(source + image * taps.stride(0) + group * group_channels * taps.stride(1) + q0, offsets.data(),
+                 reduction, cols, panel);
+      const int64_t last = std::min(row_blocks, (chunk + 1) * blocks_per_chunk);
+      for (int64_t rows = chunk * blocks_per_chunk; rows < last; ++rows) {
+        const int64_t o0 = group * per_group + rows * ROWS;
+        sweep(panel, reduction, weights + (group * row_blocks + rows) * reduction * ROWS,
+              biases ? biases + o0 : nullptr, std::min(ROWS, per_group - rows * ROWS),
+              result + (image * out_channels + o0) * pixels + q0, pixels, cols);
+      }
+    }
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("project_taps", &project_taps); }
