@@ -106,11 +106,11 @@ def test_the_convolutions_function_to_rounding(case, module):
     [
         (64, 64, 8, 1, 4, 1), (32, 64, 16, 2, 4, 1), (256, 256, 14, 1, 1, 1), (512, 512, 7, 1, 2, 1),
         (256, 512, 14, 2, 1, 1), (20, 24, 9, 1, 2, 1), (3, 16, 12, 1, 2, 1), (64, 128, 10, 1, 2, 4),
-        (64, 64, 10, 1, 2, 64), (96, 96, 10, 2, 2, 2),
+        (64, 64, 10, 1, 2, 64), (96, 96, 10, 2, 2, 2), (16, 16, 3, 2, 5, 1),
     ],
     ids=[
         "cifar", "cifar-stride2", "14x14", "7x7", "14x14-stride2", "channels-off-blocks", "three-channels",
-        "grouped", "depthwise", "grouped-stride2",
+        "grouped", "depthwise", "grouped-stride2", "2x2-maps-five-to-a-tile",
     ],
 )  # fmt: skip
 def test_the_convolutions_sums_where_onednn_convolves_directly(channels, out, size, stride, batch, groups, module):

@@ -27,20 +27,86 @@
 
 namespace {
 
-constexpr int64_t ROWS = 6;     // output channels per register tile (ROWS x 2 accumulators of 8 lanes)
-constexpr int64_t COLUMNS = 16; // output pixels per register tile and per panel row
+constexpr int64_t ROWS = 6;      // output channels per register tile (ROWS x 2 accumulators of 8 lanes)
+constexpr int64_t COLUMNS = 16;  // output pixels per register tile and per panel row
+
+// A tile's columns are 16 consecutive output pixels of the batch, images one after another, so a map whose
+// pixel count is not a multiple of 16 (7x7: 49) wastes no lanes but the batch's last few.  Each piece is a
+// run of the tile's columns within one image: columns [lane, lane + count) are pixels [pixel, pixel + count).
+struct Piece {
+  int64_t image, pixel, lane, count;
+};
+struct Tile {
+  Piece pieces[COLUMNS];
+  int64_t size, cols;
+};
+
+Tile tile_at(int64_t first, int64_t total, int64_t pixels) {
+  Tile tile;
+  tile.size = 0;
+  tile.cols = std::min(COLUMNS, total - first);
+  for (int64_t j = first; j < first + tile.cols;) {
+    const int64_t pixel = j % pixels, count = std::min(pixels - pixel, first + tile.cols - j);
+    tile.pieces[tile.size++] = {j / pixels, pixel, j - first, count};
+    j += count;
+  }
+  return tile;
+}
+
+// Where the layout puts things: the taps' image stride, the reduction's row offsets within an image's group,
+// and the output's channels and pixels.
+struct Layout {
+  int64_t image_stride;
+  const int64_t* offsets;
+  int64_t out_channels, pixels;
+};
 
 #if defined(__AVX2__) && defined(__FMA__)
 
 inline __m256i lanes_below(int64_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
+// Lanes [lo, hi) of the 8 starting at lane `base`.
+inline __m256i lanes_in(int64_t lo, int64_t hi, int64_t base) {
+  return _mm256_andnot_si256(lanes_below(lo - base), lanes_below(hi - base));
+}
 
-// Rows r < valid and columns < cols (WIDE: up to 16, else up to 8) of one output tile, from the panel
-// (reduction, 16) and the packed weights (reduction, ROWS); each sum starts at the bias.
+// Copies the tile's columns of every reduction row into the panel (reduction, 16), zeros past its columns.
+void copy_panel(const float* group_taps, const Layout& at, int64_t reduction, const Tile& tile, float* panel) {
+  if (tile.size == 1 && tile.cols == COLUMNS) {
+    const float* source = group_taps + tile.pieces[0].image * at.image_stride + tile.pieces[0].pixel;
+    for (int64_t k = 0; k < reduction; ++k) {
+      _mm256_store_ps(panel + k * COLUMNS, _mm256_loadu_ps(source + at.offsets[k]));
+      _mm256_store_ps(panel + k * COLUMNS + 8, _mm256_loadu_ps(source + at.offsets[k] + 8));
+    }
+    return;
+  }
+  __m256i low[COLUMNS], high[COLUMNS];
+  const float* sources[COLUMNS];
+  for (int64_t i = 0; i < tile.size; ++i) {
+    const Piece& piece = tile.pieces[i];
+    low[i] = lanes_in(piece.lane, piece.lane + piece.count, 0);
+    high[i] = lanes_in(piece.lane, piece.lane + piece.count, 8);
+    // Lane l of the piece reads pixel (pixel - lane + l): masked lanes read nothing.
+    sources[i] = group_taps + piece.image * at.image_stride + piece.pixel - piece.lane;
+  }
+  for (int64_t k = 0; k < reduction; ++k) {
+    __m256 v0 = _mm256_setzero_ps(), v1 = v0;
+    for (int64_t i = 0; i < tile.size; ++i) {
+      const float* source = sources[i] + at.offsets[k];
+      v0 = _mm256_blendv_ps(v0, _mm256_maskload_ps(source, low[i]), _mm256_castsi256_ps(low[i]));
+      v1 = _mm256_blendv_ps(v1, _mm256_maskload_ps(source + 8, high[i]), _mm256_castsi256_ps(high[i]));
+    }
+    _mm256_store_ps(panel + k * COLUMNS, v0);
+    _mm256_store_ps(panel + k * COLUMNS + 8, v1);
+  }
+}
+
+// Output rows o0 + r (r < valid) of the tile's columns, from the panel and the packed weights (reduction,
+// ROWS); each sum starts at the bias.  WIDE: the tile has more than 8 columns.
 template <bool WIDE>
-inline void tile(const float* panel, int64_t reduction, const float* weight, const float* bias, int64_t valid,
-                 float* out, int64_t pixels, int64_t cols) {
+inline void tile_rows(const float* panel, int64_t reduction, const float* weight, const float* bias, int64_t valid,
+                      float* result, int64_t o0, const Layout& at, const Tile& tile) {
 #define TCNN_FX_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
 #define TCNN_FX_INIT(r) \
   __m256 a##r##0 = _mm256_set1_ps(bias ? bias[std::min<int64_t>(r, valid - 1)] : 0.f), a##r##1 = a##r##0;
@@ -49,71 +115,70 @@ inline void tile(const float* panel, int64_t reduction, const float* weight, con
     const __m256 v0 = _mm256_load_ps(panel + k * COLUMNS);
     const __m256 v1 = WIDE ? _mm256_load_ps(panel + k * COLUMNS + 8) : v0;
     const float* w = weight + k * ROWS;
-#define TCNN_FX_STEP(r)                                 \
-  {                                                     \
-    const __m256 s = _mm256_broadcast_ss(w + r);        \
-    a##r##0 = _mm256_fmadd_ps(s, v0, a##r##0);          \
+#define TCNN_FX_STEP(r)                                  \
+  {                                                      \
+    const __m256 s = _mm256_broadcast_ss(w + r);         \
+    a##r##0 = _mm256_fmadd_ps(s, v0, a##r##0);           \
     if (WIDE) a##r##1 = _mm256_fmadd_ps(s, v1, a##r##1); \
   }
     TCNN_FX_ROWS(TCNN_FX_STEP)
   }
-  const __m256i low = lanes_below(cols), high = lanes_below(cols - 8);
-#define TCNN_FX_STORE(r)                                                                  \
-  if (r < valid) {                                                                        \
-    float* y = out + r * pixels;                                                          \
-    if (cols == COLUMNS) {                                                                \
-      _mm256_storeu_ps(y, a##r##0);                                                       \
-      _mm256_storeu_ps(y + 8, a##r##1);                                                   \
-    } else {                                                                              \
-      _mm256_maskstore_ps(y, low, a##r##0);                                               \
-      if (WIDE) _mm256_maskstore_ps(y + 8, high, a##r##1);                                \
-    }                                                                                     \
+  for (int64_t i = 0; i < tile.size; ++i) {
+    const Piece& piece = tile.pieces[i];
+    float* y = result + (piece.image * at.out_channels + o0) * at.pixels + piece.pixel - piece.lane;
+    const bool whole = piece.count == COLUMNS;
+    const __m256i low = lanes_in(piece.lane, piece.lane + piece.count, 0);
+    const __m256i high = lanes_in(piece.lane, piece.lane + piece.count, 8);
+#define TCNN_FX_STORE(r)                                                     \
+  if (r < valid) {                                                           \
+    float* row = y + r * at.pixels;                                          \
+    if (whole) {                                                             \
+      _mm256_storeu_ps(row, a##r##0);                                        \
+      _mm256_storeu_ps(row + 8, a##r##1);                                    \
+    } else {                                                                 \
+      _mm256_maskstore_ps(row, low, a##r##0);                                \
+      if (WIDE) _mm256_maskstore_ps(row + 8, high, a##r##1);                 \
+    }                                                                        \
   }
-  TCNN_FX_ROWS(TCNN_FX_STORE)
+    TCNN_FX_ROWS(TCNN_FX_STORE)
+  }
 #undef TCNN_FX_ROWS
 #undef TCNN_FX_INIT
 #undef TCNN_FX_STEP
 #undef TCNN_FX_STORE
 }
 
-void copy_panel(const float* source, const int64_t* offsets, int64_t reduction, int64_t cols, float* panel) {
-  if (cols == COLUMNS) {
-    for (int64_t k = 0; k < reduction; ++k) {
-      _mm256_store_ps(panel + k * COLUMNS, _mm256_loadu_ps(source + offsets[k]));
-      _mm256_store_ps(panel + k * COLUMNS + 8, _mm256_loadu_ps(source + offsets[k] + 8));
-    }
-    return;
-  }
-  const __m256i low = lanes_below(cols), high = lanes_below(cols - 8);
-  for (int64_t k = 0; k < reduction; ++k) {
-    _mm256_store_ps(panel + k * COLUMNS, _mm256_maskload_ps(source + offsets[k], low));
-    _mm256_store_ps(panel + k * COLUMNS + 8, _mm256_maskload_ps(source + offsets[k] + 8, high));
-  }
-}
-
-void sweep(const float* panel, int64_t reduction, const float* weight, const float* bias, int64_t valid, float* out,
-           int64_t pixels, int64_t cols) {
-  if (cols > 8)
-    tile<true>(panel, reduction, weight, bias, valid, out, pixels, cols);
+void sweep(const float* panel, int64_t reduction, const float* weight, const float* bias, int64_t valid,
+           float* result, int64_t o0, const Layout& at, const Tile& tile) {
+  if (tile.cols > 8)
+    tile_rows<true>(panel, reduction, weight, bias, valid, result, o0, at, tile);
   else
-    tile<false>(panel, reduction, weight, bias, valid, out, pixels, cols);
+    tile_rows<false>(panel, reduction, weight, bias, valid, result, o0, at, tile);
 }
 
 #else  // portable build: the same order, one fused multiply-add at a time
 
-void copy_panel(const float* source, const int64_t* offsets, int64_t reduction, int64_t cols, float* panel) {
-  for (int64_t k = 0; k < reduction; ++k)
-    for (int64_t j = 0; j < cols; ++j) panel[k * COLUMNS + j] = source[offsets[k] + j];
+void copy_panel(const float* group_taps, const Layout& at, int64_t reduction, const Tile& tile, float* panel) {
+  for (int64_t i = 0; i < tile.size; ++i) {
+    const Piece& piece = tile.pieces[i];
+    const float* source = group_taps + piece.image * at.image_stride + piece.pixel;
+    for (int64_t k = 0; k < reduction; ++k)
+      for (int64_t j = 0; j < piece.count; ++j) panel[k * COLUMNS + piece.lane + j] = source[at.offsets[k] + j];
+  }
 }
 
-void sweep(const float* panel, int64_t reduction, const float* weight, const float* bias, int64_t valid, float* out,
-           int64_t pixels, int64_t cols) {
-  for (int64_t r = 0; r < valid; ++r)
-    for (int64_t j = 0; j < cols; ++j) {
-      float acc = bias ? bias[r] : 0.f;
-      for (int64_t k = 0; k < reduction; ++k) acc = std::fma(weight[k * ROWS + r], panel[k * COLUMNS + j], acc);
-      out[r * pixels + j] = acc;
-    }
+void sweep(const float* panel, int64_t reduction, const float* weight, const float* bias, int64_t valid,
+           float* result, int64_t o0, const Layout& at, const Tile& tile) {
+  for (int64_t i = 0; i < tile.size; ++i) {
+    const Piece& piece = tile.pieces[i];
+    for (int64_t r = 0; r < valid; ++r)
+      for (int64_t j = 0; j < piece.count; ++j) {
+        float acc = bias ? bias[r] : 0.f;
+        for (int64_t k = 0; k < reduction; ++k)
+          acc = std::fma(weight[k * ROWS + r], panel[k * COLUMNS + piece.lane + j], acc);
+        result[(piece.image * at.out_channels + o0 + r) * at.pixels + piece.pixel + j] = acc;
+      }
+  }
 }
 
 #endif
@@ -149,17 +214,17 @@ void project_taps(const torch::Tensor& taps, const torch::Tensor& packed, const 
               "project_taps: scratch too small");
 
   const int64_t per_group = out_channels / groups, group_channels = taps.size(1) / groups;
-  const int64_t pixel_blocks = (pixels + COLUMNS - 1) / COLUMNS;
+  const int64_t total = images * pixels, tiles = (total + COLUMNS - 1) / COLUMNS;
   // Offsets of the reduction's rows within one group of one image.
   std::vector<int64_t> offsets(reduction);
   const int64_t* c = channels.data_ptr<int64_t>();
   const int64_t* h = tap_index.data_ptr<int64_t>();
   for (int64_t k = 0; k < reduction; ++k) offsets[k] = c[k] * taps.stride(1) + h[k] * taps.stride(2);
-  // Tasks: (image, group, pixel block, chunk of output row blocks); the chunks only where the other three
-  // give the threads too few tasks.
-  const int64_t panels = images * groups * pixel_blocks;
+  const Layout at{taps.stride(0), offsets.data(), out_channels, pixels};
+  // Tasks: (group, tile, chunk of output row blocks); the chunks only where groups and tiles give the threads
+  // too few tasks.
   int64_t chunks = 1;
-  while (panels * chunks < 4 * threads && chunks < row_blocks) ++chunks;
+  while (groups * tiles * chunks < 4 * threads && chunks < row_blocks) ++chunks;
   const int64_t blocks_per_chunk = (row_blocks + chunks - 1) / chunks;
 
   const float* source = taps.data_ptr<float>();
@@ -167,20 +232,17 @@ void project_taps(const torch::Tensor& taps, const torch::Tensor& packed, const 
   const float* biases = bias.numel() ? bias.data_ptr<float>() : nullptr;
   float* result = out.data_ptr<float>();
   float* panels_memory = scratch.data_ptr<float>();
-  at::parallel_for(0, panels * chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, groups * tiles * chunks, 1, [&](int64_t begin, int64_t end) {
     float* panel = panels_memory + at::get_thread_num() * reduction * COLUMNS;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t chunk = task % chunks, block = (task / chunks) % pixel_blocks;
-      const int64_t group = (task / (chunks * pixel_blocks)) % groups, image = task / (chunks * pixel_blocks * groups);
-      const int64_t q0 = block * COLUMNS, cols = std::min(COLUMNS, pixels - q0);
-      copy_panel(source + image * taps.stride(0) + group * group_channels * taps.stride(1) + q0, offsets.data(),
-                 reduction, cols, panel);
+      const int64_t chunk = task % chunks, index = (task / chunks) % tiles, group = task / (chunks * tiles);
+      const Tile tile = tile_at(index * COLUMNS, total, pixels);
+      copy_panel(source + group * group_channels * taps.stride(1), at, reduction, tile, panel);
       const int64_t last = std::min(row_blocks, (chunk + 1) * blocks_per_chunk);
       for (int64_t rows = chunk * blocks_per_chunk; rows < last; ++rows) {
         const int64_t o0 = group * per_group + rows * ROWS;
         sweep(panel, reduction, weights + (group * row_blocks + rows) * reduction * ROWS,
-              biases ? biases + o0 : nullptr, std::min(ROWS, per_group - rows * ROWS),
-              result + (image * out_channels + o0) * pixels + q0, pixels, cols);
+              biases ? biases + o0 : nullptr, std::min(ROWS, per_group - rows * ROWS), result, o0, at, tile);
       }
     }
   });
