@@ -20,7 +20,9 @@ file would be the convolution's graph).  Each run also times, at 14x14 and
 C=256, the attention's gather (every head applied to every channel) each way
 the layer runs it: the compiled kernel (with the content scores, softmax and
 mix it fuses), a oneDNN grouped convolution (inference without the kernel)
-and ``torch.bmm`` on the BLAS (training, captured graphs).
+and ``torch.bmm`` on the BLAS (training, captured graphs); and, where the
+projection kernel is used, the output projection on the same taps as the
+strided convolution and as that kernel (``native_projection``).
 
 Every run is a fresh plain ``python`` process with the environment as given
 (``benchmarks.fresh_runs``); the table gives the median of the runs and their
@@ -48,7 +50,7 @@ from tcnn_fx import ConvAttention2d
 from tcnn_fx.export import to_onnx
 from tcnn_fx.export.bench import with_content_weight
 from tcnn_fx.export.onnx import _session
-from tcnn_fx.layers import native
+from tcnn_fx.layers import native, native_projection
 from tcnn_fx.layers.backends import gather_bmm, gather_onednn
 from tcnn_fx.timing import count_flops, time_side_by_side
 
@@ -128,6 +130,41 @@ def gather_rates(rounds: int) -> dict:
     return {f"{name}_gflops": flops[name] / timing[name].median / 1e9 for name in runners}
 
 
+#: (batch, channels, input resolution, stride) of the projection timings: a CIFAR ResNet layer at its batch, ResNet-50's.
+PROJECTION_SHAPES = [(128, 64, 8, 1), (128, 32, 16, 2), (8, 256, 14, 1), (8, 512, 7, 1)]
+
+
+def projection_times(rounds: int) -> list[dict]:
+    """Milliseconds of the layer's output projection on the same gathered taps, each way inference runs it.
+
+    ``convolution``: the strided convolution on oneDNN (with its copy of the
+    taps into its blocked layout); ``kernel``: the projection kernel
+    (``native_projection``), where it is used here.  Empty where it is not.
+    """
+    rows = []
+    with torch.no_grad():
+        for batch, channels, resolution, stride in PROJECTION_SHAPES:
+            torch.manual_seed(0)
+            layer = ConvAttention2d.from_conv(nn.Conv2d(channels, channels, 3, stride, 1, bias=False)).eval()
+            out = (resolution - 1) // stride + 1
+            taps = torch.randn(batch, channels, layer.num_heads, out * out)
+            if not native_projection.usable(taps):
+                return []
+            ops = native_projection.operands(layer.weight, layer.groups)
+            runners = {
+                "convolution": lambda layer=layer, taps=taps: layer._project_convolution(taps),
+                "kernel": lambda layer=layer, taps=taps, ops=ops: native_projection.project(
+                    taps, ops, None, layer.out_channels
+                ),
+            }
+            timing = time_side_by_side(runners, rounds=rounds)
+            rows.append(
+                {"batch": batch, "channels": channels, "resolution": resolution, "stride": stride}
+                | {f"{name}_ms": timing[name].median * 1e3 for name in runners}
+            )
+    return rows
+
+
 def machine() -> dict:
     return {
         "processor": platform.processor() or platform.machine(),
@@ -184,7 +221,12 @@ def one_run(batch_sizes: list[int], rounds: int, runtime: str) -> dict:
     """Every shape at every batch size, and the gather's rates, measured in this process."""
     rows = [measure(c, r, s, batch, rounds, runtime) for batch in batch_sizes for c, r, s in SHAPES]
     kernel = runtime == "torch" and native.enabled() and native.attend_gather() is not None
-    return {"machine": machine() | {"compiled_kernel": kernel}, "gather": gather_rates(rounds), "results": rows}
+    return {
+        "machine": machine() | {"compiled_kernel": kernel},
+        "gather": gather_rates(rounds),
+        "projection": projection_times(rounds),
+        "results": rows,
+    }
 
 
 def main() -> None:
@@ -193,9 +235,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="independent runs, each a fresh process")
     parser.add_argument("--rounds", type=int, default=30, help="interleaved timed rounds per shape and run")
     parser.add_argument("--json", help="also write every run's results to this JSON file")
-    parser.add_argument("--runtime", choices=["torch", "torch-ops", "ort"], default="torch",
-                        help="PyTorch eager (with the compiled kernel where it is used), PyTorch operators alone, or "
-                        "both exported to ONNX and run by ONNX Runtime (CPU)")
+    parser.add_argument(
+        "--runtime",
+        choices=["torch", "torch-ops", "ort"],
+        default="torch",
+        help="PyTorch eager (with the compiled kernel where it is used), PyTorch operators alone, or "
+        "both exported to ONNX and run by ONNX Runtime (CPU)",
+    )
     parser.add_argument(ONE_RUN, action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.runtime == "torch-ops":
@@ -210,6 +256,11 @@ def main() -> None:
     for i, run in enumerate(runs, 1):
         rates = " ".join(f"{name.removesuffix('_gflops')} {rate:.0f}" for name, rate in run["gather"].items())
         print(f"run {i}: gather at 14x14, C=256, b8, GFLOP/s: {rates}")
+        for row in run["projection"]:
+            print(
+                f"run {i}: projection at b{row['batch']}, C={row['channels']}, {row['resolution']}x{row['resolution']}"
+                f" s{row['stride']}: convolution {row['convolution_ms']:.2f} ms, kernel {row['kernel_ms']:.2f} ms"
+            )
     print(markdown(runs))
     if args.json:
         with open(args.json, "w") as out:

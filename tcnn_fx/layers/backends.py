@@ -19,6 +19,11 @@ them:
   softmax and mix are one pass of the maps kernel (``native_maps``) where
   it is used, as they are in ``TRAINING``'s forward.
 
+In eager float32 CPU inference every backend but ``TRAINING`` hands its
+gathered taps to the projection kernel (``native_projection``) where it is
+used and has reproduced the layer's strided convolution for taps of that
+shape.
+
 How each kind of capture runs the layer:
 
 * ``torch.compile`` (TorchDynamo tracing for a compiled callable): as eager
