@@ -55,8 +55,9 @@ DEFAULT_CAPABILITIES = ("AVX2",)
 KERNEL = "project_taps"
 #: Output channels per register tile of the kernel: the packed weights come in blocks of this many.
 ROWS = 6
-#: Output pixels per panel row of the kernel: each thread's scratch holds one panel of this width.
+#: Output pixels per panel row of the kernel, and panels per task at most: the size of each thread's scratch.
 COLUMNS = 16
+PANELS = 4
 #: Input channels per block of oneDNN's direct convolution at a SIMD level (its vector width); 8 elsewhere.
 CHANNEL_BLOCKS = {"AVX512": 16}
 
@@ -138,7 +139,7 @@ def project(taps: Tensor, ops: Operands, bias: Tensor | None, out_channels: int)
     """
     if taps.stride(-1) != 1:
         taps = taps.contiguous()
-    scratch = workspace.empty((torch.get_num_threads() * ops.packed.shape[2] * COLUMNS,), taps)
+    scratch = workspace.empty((torch.get_num_threads() * PANELS * ops.packed.shape[2] * COLUMNS,), taps)
     out = taps.new_empty(taps.shape[0], out_channels, taps.shape[-1])
     bias = taps.new_empty(0) if bias is None else bias.detach()
     _module().project_taps(taps, ops.packed, ops.channels, ops.taps, bias, out, scratch)

@@ -12,8 +12,9 @@
 //
 // Handed to oneDNN as a strided convolution (what the layer did before), the taps are reordered into
 // oneDNN's blocked layout first: a copy nine times the convolution's input, made on every call.  Here each
-// task copies a panel of the taps (the reduction's rows, 16 output pixels wide) into the cache once and
-// sweeps all its output channels over it, 6 at a time in registers.
+// task copies panels of the taps (the reduction's rows, 16 output pixels wide; up to four, as many as fit
+// the L2 cache together) into the cache once and sweeps its output channels over them, 6 at a time in
+// registers, each block of 6 channels' weights loaded once for all the task's panels.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -29,6 +30,10 @@ namespace {
 
 constexpr int64_t ROWS = 6;      // output channels per register tile (ROWS x 2 accumulators of 8 lanes)
 constexpr int64_t COLUMNS = 16;  // output pixels per register tile and per panel row
+// Tiles per task at most: each block of weights is loaded once for all of them, as long as their panels
+// (reduction x 16 floats each) fit PANEL_BYTES together; past that, one (the panels would leave the L2 cache).
+constexpr int64_t MAX_TILES = 4;
+constexpr int64_t PANEL_BYTES = 160 * 1024;
 
 // A tile's columns are 16 consecutive output pixels of the batch, images one after another, so a map whose
 // pixel count is not a multiple of 16 (7x7: 49) wastes no lanes but the batch's last few.  Each piece is a
@@ -188,7 +193,7 @@ void sweep(const float* panel, int64_t reduction, const float* weight, const flo
 // taps (B, C, H, Q) float32 with unit stride along Q (other strides free); packed (G, row blocks, K, ROWS):
 // each group's weights in reduction order, zero rows past the group's outputs; channels and tap_index (K,)
 // int64: the reduction order (channel within the group, tap); bias (O,) or empty; out (B, O, Q) contiguous;
-// scratch: at least threads x K x 16 floats.
+// scratch: at least threads x 4 x K x 16 floats.
 void project_taps(const torch::Tensor& taps, const torch::Tensor& packed, const torch::Tensor& channels,
                   const torch::Tensor& tap_index, const torch::Tensor& bias, torch::Tensor out,
                   torch::Tensor scratch) {
@@ -210,7 +215,7 @@ void project_taps(const torch::Tensor& taps, const torch::Tensor& packed, const 
               "project_taps: out must be contiguous (B, O, Q) matching the packed weights");
   TORCH_CHECK(bias.numel() == 0 || (bias.is_contiguous() && bias.numel() == out_channels), "project_taps: bias (O,)");
   const int64_t threads = at::get_num_threads();
-  TORCH_CHECK(scratch.is_contiguous() && scratch.numel() >= threads * reduction * COLUMNS,
+  TORCH_CHECK(scratch.is_contiguous() && scratch.numel() >= threads * MAX_TILES * reduction * COLUMNS,
               "project_taps: scratch too small");
 
   const int64_t per_group = out_channels / groups, group_channels = taps.size(1) / groups;
@@ -221,10 +226,12 @@ void project_taps(const torch::Tensor& taps, const torch::Tensor& packed, const 
   const int64_t* h = tap_index.data_ptr<int64_t>();
   for (int64_t k = 0; k < reduction; ++k) offsets[k] = c[k] * taps.stride(1) + h[k] * taps.stride(2);
   const Layout at{taps.stride(0), offsets.data(), out_channels, pixels};
-  // Tasks: (group, tile, chunk of output row blocks); the chunks only where groups and tiles give the threads
-  // too few tasks.
+  // Tasks: (group, run of tiles, chunk of output row blocks); the chunks only where groups and runs give the
+  // threads too few tasks.
+  const int64_t per_task = std::clamp<int64_t>(PANEL_BYTES / (reduction * COLUMNS * 4), 1, MAX_TILES);
+  const int64_t runs = (tiles + per_task - 1) / per_task;
   int64_t chunks = 1;
-  while (groups * tiles * chunks < 4 * threads && chunks < row_blocks) ++chunks;
+  while (groups * runs * chunks < 4 * threads && chunks < row_blocks) ++chunks;
   const int64_t blocks_per_chunk = (row_blocks + chunks - 1) / chunks;
 
   const float* source = taps.data_ptr<float>();
@@ -232,17 +239,24 @@ void project_taps(const torch::Tensor& taps, const torch::Tensor& packed, const 
   const float* biases = bias.numel() ? bias.data_ptr<float>() : nullptr;
   float* result = out.data_ptr<float>();
   float* panels_memory = scratch.data_ptr<float>();
-  at::parallel_for(0, groups * tiles * chunks, 1, [&](int64_t begin, int64_t end) {
-    float* panel = panels_memory + at::get_thread_num() * reduction * COLUMNS;
+  at::parallel_for(0, groups * runs * chunks, 1, [&](int64_t begin, int64_t end) {
+    float* panels = panels_memory + at::get_thread_num() * MAX_TILES * reduction * COLUMNS;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t chunk = task % chunks, index = (task / chunks) % tiles, group = task / (chunks * tiles);
-      const Tile tile = tile_at(index * COLUMNS, total, pixels);
-      copy_panel(source + group * group_channels * taps.stride(1), at, reduction, tile, panel);
+      const int64_t chunk = task % chunks, run = (task / chunks) % runs, group = task / (chunks * runs);
+      const int64_t count = std::min(per_task, tiles - run * per_task);
+      Tile run_tiles[MAX_TILES];
+      for (int64_t t = 0; t < count; ++t) {
+        run_tiles[t] = tile_at((run * per_task + t) * COLUMNS, total, pixels);
+        copy_panel(source + group * group_channels * taps.stride(1), at, reduction, run_tiles[t],
+                   panels + t * reduction * COLUMNS);
+      }
       const int64_t last = std::min(row_blocks, (chunk + 1) * blocks_per_chunk);
       for (int64_t rows = chunk * blocks_per_chunk; rows < last; ++rows) {
         const int64_t o0 = group * per_group + rows * ROWS;
-        sweep(panel, reduction, weights + (group * row_blocks + rows) * reduction * ROWS,
-              biases ? biases + o0 : nullptr, std::min(ROWS, per_group - rows * ROWS), result, o0, at, tile);
+        const float* w = weights + (group * row_blocks + rows) * reduction * ROWS;
+        for (int64_t t = 0; t < count; ++t)
+          sweep(panels + t * reduction * COLUMNS, reduction, w, biases ? biases + o0 : nullptr,
+                std::min(ROWS, per_group - rows * ROWS), result, o0, at, run_tiles[t]);
       }
     }
   });
