@@ -24,7 +24,7 @@ inputs, oneDNN disabled), and which applies depends on oneDNN's version and
 the processor.  So a layer does not predict it: the first time it projects
 taps of a new ``signature``, it computes both, returns the convolution's,
 and uses the kernel for that signature from then on only if the two agreed
-bit for bit.  The layer's results are therefore those of the strided
+bit for bit (taps or weights all zeros settle nothing).  The layer's results are therefore those of the strided
 convolution, to the last bit, in every case.
 
 Built by ``cpp_kernels.build`` on first use (about 40 s once, cached), on
