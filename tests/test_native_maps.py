@@ -9,12 +9,11 @@ one warning.  The build (about 40 s) happens once per machine, cached under
 ``TORCH_EXTENSIONS_DIR``.
 """
 
-import shutil
 import warnings
-from types import SimpleNamespace
 
 import pytest
 import torch
+from kernel_builds import built, counting
 from strategies import relative_error
 from torch import nn
 
@@ -40,32 +39,13 @@ def operands(seed: int, dtype=torch.float64, batch=2, heads=3, dim=4, queries=5,
 @pytest.fixture
 def module(monkeypatch):
     """The built kernel, enabled on any processor; skipped where it cannot be built (cached)."""
-    if shutil.which("c++") is None:
-        pytest.skip("no C++ compiler to build the kernel")
-    monkeypatch.setenv(native_maps.SETTING, "1")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a failed build warns; here it skips
-        built = native_maps._module()
-    if built is None:
-        pytest.skip("the kernel could not be built here")
-    return built
+    return built(native_maps, monkeypatch)
 
 
 @pytest.fixture
 def calls(module, monkeypatch) -> list[str]:
     """The kernel enabled on any processor, its calls counted by name (``content_mix``, ``attend_backward``)."""
-    counted: list[str] = []
-
-    def counting(name):
-        def call(*args):
-            counted.append(name)
-            return getattr(module, name)(*args)
-
-        return call
-
-    kernels = SimpleNamespace(**{name: counting(name) for name in ("content_mix", "attend_backward")})
-    monkeypatch.setattr(native_maps, "_module", lambda: kernels)
-    return counted
+    return counting(native_maps, module, ("content_mix", "attend_backward"), monkeypatch)
 
 
 def composed_maps(q, k, base, weight):

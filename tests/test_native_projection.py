@@ -11,7 +11,6 @@ leave the layer correct, with one warning.  The build (about 40 s) happens
 once per machine, cached under ``TORCH_EXTENSIONS_DIR``.
 """
 
-import shutil
 import warnings
 from types import SimpleNamespace
 
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kernel_builds import built, counting
 from strategies import conv_cases, relative_error, term_scale
 from torch import nn
 
@@ -33,28 +33,13 @@ MEASURED = torch.backends.cpu.get_cpu_capability() in native_projection.DEFAULT_
 @pytest.fixture
 def module(monkeypatch):
     """The built kernel, enabled on any processor; skipped where it cannot be built (cached)."""
-    if shutil.which("c++") is None:
-        pytest.skip("no C++ compiler to build the kernel")
-    monkeypatch.setenv(native_projection.SETTING, "1")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a failed build warns; here it skips
-        built = native_projection._module()
-    if built is None:
-        pytest.skip("the kernel could not be built here")
-    return built
+    return built(native_projection, monkeypatch)
 
 
 @pytest.fixture
 def calls(module, monkeypatch) -> list[str]:
     """The kernel enabled on any processor, its calls counted."""
-    counted: list[str] = []
-
-    def project_taps(*args):
-        counted.append("project_taps")
-        return module.project_taps(*args)
-
-    monkeypatch.setattr(native_projection, "_module", lambda: SimpleNamespace(project_taps=project_taps))
-    return counted
+    return counting(native_projection, module, ("project_taps",), monkeypatch)
 
 
 def taps_of(x, conv: nn.Conv2d) -> torch.Tensor:

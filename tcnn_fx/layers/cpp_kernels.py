@@ -11,7 +11,8 @@ same function.
 
 Which processors use a kernel by default is the kernel's own measured
 answer (its module's ``DEFAULT_CAPABILITIES``); an environment variable per
-kernel overrides it: ``1`` on any processor, ``0`` never (no build).
+kernel overrides it: ``1`` on any processor, ``0`` never (no build); left
+unset, a kernel may also follow a setting for several (``off_with``).
 """
 
 from __future__ import annotations
@@ -37,10 +38,13 @@ BUILD_ERRORS = (RuntimeError, OSError, ImportError, subprocess.CalledProcessErro
 log = logging.getLogger(__name__)
 
 
-def enabled(setting: str, capabilities: tuple[str, ...]) -> bool:
-    """Whether a kernel may be used: its ``setting`` is ``1``, or unset (``auto``) at one of its ``capabilities``."""
+def enabled(setting: str, capabilities: tuple[str, ...], off_with: str | None = None) -> bool:
+    """Whether a kernel may be used: its ``setting`` is ``1``, or unset (``auto``) at one of its ``capabilities``
+    unless the setting ``off_with`` (one that turns a family of kernels off) is ``0``."""
     value = os.environ.get(setting, "auto")
     if value == "auto":
+        if off_with is not None and os.environ.get(off_with) == "0":
+            return False
         return torch.backends.cpu.get_cpu_capability() in capabilities
     return value != "0"
 

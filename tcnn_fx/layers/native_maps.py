@@ -34,8 +34,6 @@ the layer composes PyTorch operators: the same function to float rounding.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -55,9 +53,7 @@ BACKWARD_DTYPES = (torch.float32, torch.float64)
 
 def enabled() -> bool:
     """Whether the layers may use the kernel (see the module docstring for the settings)."""
-    if os.environ.get(SETTING, "auto") == "auto" and os.environ.get(native.SETTING) == "0":
-        return False
-    return cpp_kernels.enabled(SETTING, DEFAULT_CAPABILITIES)
+    return cpp_kernels.enabled(SETTING, DEFAULT_CAPABILITIES, off_with=native.SETTING)
 
 
 def _module():

@@ -39,7 +39,6 @@ autograd, nothing captured): training projects with a matrix product
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -73,9 +72,7 @@ class Operands(NamedTuple):
 
 def enabled() -> bool:
     """Whether the layers may use the kernel (see the module docstring for the settings)."""
-    if os.environ.get(SETTING, "auto") == "auto" and os.environ.get(native.SETTING) == "0":
-        return False
-    return cpp_kernels.enabled(SETTING, DEFAULT_CAPABILITIES)
+    return cpp_kernels.enabled(SETTING, DEFAULT_CAPABILITIES, off_with=native.SETTING)
 
 
 def _module():
