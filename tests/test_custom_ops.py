@@ -106,7 +106,7 @@ def test_torch_func_transforms_still_differentiate_the_layer():
 @pytest.fixture
 def kernel():
     """The compiled kernel where layers use it by default (AVX-512); skipped elsewhere, as in
-    tests/test_conv_attention_native.py (a build costs ~40 s of the suite for a path nobody runs there), and
+    tests/test_conv_attention_native.py (a build costs ~30 s of the suite for a path nobody runs there), and
     where it cannot be built."""
     if shutil.which("c++") is None:
         pytest.skip("no C++ compiler to build the kernel")

@@ -5,7 +5,7 @@ mix, and the backward's elementwise passes (softmax backward, batch sum,
 content-weight reductions); the maps must equal the PyTorch operators' to
 float32 rounding and every gradient to float rounding, for every subset of
 inputs that needs one, and a failed build must leave the layer correct with
-one warning.  The build (about 40 s) happens once per machine, cached under
+one warning.  The build (about 30 s) happens once per machine, cached under
 ``TORCH_EXTENSIONS_DIR``.
 """
 

@@ -7,7 +7,7 @@ oneDNN's direct convolution, so on the processors it is used on by default
 uses it for taps of a given signature only once it has reproduced the
 strided convolution there, so a layer's results are the strided
 convolution's, bit for bit, with or without the kernel.  A failed build must
-leave the layer correct, with one warning.  The build (about 40 s) happens
+leave the layer correct, with one warning.  The build (about 30 s) happens
 once per machine, cached under ``TORCH_EXTENSIONS_DIR``.
 """
 

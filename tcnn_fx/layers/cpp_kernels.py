@@ -1,10 +1,12 @@
 """Building the layers' C++ CPU kernels (``csrc/*.cpp``) on first use, and the rule that enables each.
 
 Each kernel is compiled with the machine's C++ compiler through
-``torch.utils.cpp_extension`` the first time it is needed (about 40 s, once
+``torch.utils.cpp_extension`` the first time it is needed (about 30 s, once
 per kernel, PyTorch version and SIMD level: the library is cached under
 ``TORCH_EXTENSIONS_DIR``), for the SIMD level PyTorch itself dispatches to,
-and runs on PyTorch's own thread pool.  Without a compiler, or where the
+and runs on PyTorch's own thread pool.  The kernels include only the ATen
+and binding headers they use (``csrc/binding.h``): ``torch/extension.h``
+made each build take twice as long.  Without a compiler, or where the
 build or the load fails, ``build`` warns once per kernel and answers
 ``None``; the callers then compose PyTorch operators, which compute the
 same function.

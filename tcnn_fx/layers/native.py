@@ -10,7 +10,7 @@ leaving the cache.
 
 It is compiled by ``cpp_kernels.build`` (the machine's C++ compiler through
 ``torch.utils.cpp_extension``) the first time a layer runs CPU inference
-(about 40 s, once: the library is cached under ``TORCH_EXTENSIONS_DIR``), for
+(about 30 s, once: the library is cached under ``TORCH_EXTENSIONS_DIR``), for
 the SIMD level PyTorch itself dispatches to, and runs on PyTorch's own thread
 pool.
 By default it is used where PyTorch dispatches to AVX-512, the SIMD level it

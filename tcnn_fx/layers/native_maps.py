@@ -19,7 +19,7 @@ traffic, and PyTorch's operators walk the maps once per operator.
   gradient: composed, four operators and eight reads and writes of the
   maps; here ``dM`` and ``A`` are read once and ``dS`` written over ``dM``.
 
-Built by ``cpp_kernels.build`` on the first call that uses it (about 40 s
+Built by ``cpp_kernels.build`` on the first call that uses it (about 30 s
 once, cached), on PyTorch's thread pool.  By default it is used where
 PyTorch dispatches to AVX2, where it was measured faster (docs/results);
 AVX-512 has not been measured, so those processors keep PyTorch's operators

@@ -27,7 +27,7 @@ and uses the kernel for that signature from then on only if the two agreed
 bit for bit (taps or weights all zeros settle nothing).  The layer's results are therefore those of the strided
 convolution, to the last bit, in every case.
 
-Built by ``cpp_kernels.build`` on first use (about 40 s once, cached), on
+Built by ``cpp_kernels.build`` on first use (about 30 s once, cached), on
 PyTorch's thread pool.  By default it is used where PyTorch dispatches to
 AVX2, where it was measured (docs/results/conv_attention_speed.md);
 ``TCNN_FX_NATIVE_PROJECTION=1`` uses it on any processor (with oneDNN's

@@ -5,8 +5,7 @@
 // the mixed map applied to every value channel, without writing the maps to memory.  Queries run
 // along the vector lanes throughout, so the softmax needs no horizontal reductions and the
 // gather stores whole rows of queries.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "binding.h"
 
 #include "exp2.h"
 
@@ -110,10 +109,10 @@ void attend_block(const Head& head, const Sizes& n, int64_t q0, int64_t used, fl
 // and rows of its pixels; base_t: (heads, K, Qpad), Qpad a multiple of 48 >= Q; weight: (heads,).
 // Returns (C, B * heads, Q): row c, column (b * heads + h) * Q + q is head h's attention for query q
 // of image b applied to channel c.
-torch::Tensor attend_gather(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& values,
-                            const torch::Tensor& base_t, const torch::Tensor& weight, int64_t heads) {
+at::Tensor attend_gather(const at::Tensor& q, const at::Tensor& k, const at::Tensor& values,
+                            const at::Tensor& base_t, const at::Tensor& weight, int64_t heads) {
   for (const auto* t : {&q, &k, &values, &base_t, &weight})
-    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->device().is_cpu(), "attend_gather takes float32 CPU tensors");
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), "attend_gather takes float32 CPU tensors");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && values.dim() == 3 && base_t.dim() == 3, "attend_gather: bad ranks");
   const int64_t batch = q.size(0), dim = q.size(1) / heads, queries = q.size(2), keys = k.size(2);
   const int64_t channels = values.size(1), padded = base_t.size(2);
@@ -121,7 +120,7 @@ torch::Tensor attend_gather(const torch::Tensor& q, const torch::Tensor& k, cons
               "attend_gather: values, base_t and weight must have contiguous rows");
   TORCH_CHECK(padded % BLOCK == 0 && padded >= queries && base_t.size(1) == keys && base_t.size(0) == heads &&
                   values.size(2) == keys && k.size(1) == heads * dim, "attend_gather: mismatched sizes");
-  auto out = torch::empty({channels, batch * heads, queries}, q.options());
+  auto out = q.new_empty({channels, batch * heads, queries});
   const Sizes n{dim,           queries,     keys,        channels,          q.stride(1), q.stride(2),
                 k.stride(1),   k.stride(2), values.stride(1), padded, batch * heads * queries};
   const float* q_ptr = q.data_ptr<float>();

@@ -14,8 +14,7 @@
 //   are read once and dS written once.  The work is split by blocks of (head, query) rows, each block's
 //   batch sum of dM kept in the L1 cache while the images stream past, so every row's batch sum and
 //   partials are finished by one thread and need no reduction across threads.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "binding.h"
 
 #include "exp2.h"
 
@@ -126,10 +125,10 @@ void softmax_mix_row(float* scores, const float* base, float weight, float* mixe
 // q (B, H, d, Q) and k (B, H, d, K), unit stride along the pixels, queries already scaled by 1/sqrt(d);
 // base (H, Q, K): (1 - w) times the positional maps; weight (H,); mixed and attention (B, H, Q, K), contiguous
 // (attention may be empty: not written).  Writes M into mixed and A into attention; float32 CPU tensors.
-void content_mix(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& base,
-                 const torch::Tensor& weight, const torch::Tensor& mixed, const torch::Tensor& attention) {
+void content_mix(const at::Tensor& q, const at::Tensor& k, const at::Tensor& base,
+                 const at::Tensor& weight, const at::Tensor& mixed, const at::Tensor& attention) {
   for (const auto* t : {&q, &k, &base, &weight, &mixed, &attention})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32, "content_mix takes float32 CPU tensors");
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, "content_mix takes float32 CPU tensors");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0) && q.size(1) == k.size(1) &&
                   q.size(2) == k.size(2) && q.stride(3) == 1 && k.stride(3) == 1,
               "content_mix: q and k must be (B, H, d, pixels) with unit stride along the pixels");
@@ -250,9 +249,9 @@ void map_gradients(T* dm, const T* a, const T* p, const T* w, T* dp, T* dw, int6
 // grad_mixed (B, H, Q, K), attention (B, H, Q, K), positional (H, Q, K), weight (H,): contiguous, one
 // floating dtype, CPU.  Overwrites grad_mixed with dS if `scores`.  Returns dP (H, Q, K) if `positional`
 // and the dw partials (H, Q) if `weight`, else empty tensors.
-std::tuple<torch::Tensor, torch::Tensor> attend_backward(const torch::Tensor& grad_mixed, const torch::Tensor& attention,
-                                                         const torch::Tensor& positional,
-                                                         const torch::Tensor& weight, bool scores,
+std::tuple<at::Tensor, at::Tensor> attend_backward(const at::Tensor& grad_mixed, const at::Tensor& attention,
+                                                         const at::Tensor& positional,
+                                                         const at::Tensor& weight, bool scores,
                                                          bool positional_grad, bool weight_grad) {
   for (const auto* t : {&grad_mixed, &attention, &positional, &weight}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == grad_mixed.scalar_type() && t->is_contiguous(),
@@ -264,8 +263,8 @@ std::tuple<torch::Tensor, torch::Tensor> attend_backward(const torch::Tensor& gr
               "attend_backward: mismatched sizes");
   const int64_t batch = grad_mixed.size(0), heads = grad_mixed.size(1), queries = grad_mixed.size(2);
   const int64_t keys = grad_mixed.size(3);
-  auto dp = positional_grad ? torch::empty_like(positional) : torch::empty({0}, positional.options());
-  auto dw = weight_grad ? torch::empty({heads, queries}, weight.options()) : torch::empty({0}, weight.options());
+  auto dp = positional_grad ? positional.new_empty(positional.sizes()) : positional.new_empty({0});
+  auto dw = weight_grad ? weight.new_empty({heads, queries}) : weight.new_empty({0});
   const Wanted wanted{scores, positional_grad, weight_grad};
   AT_DISPATCH_FLOATING_TYPES(grad_mixed.scalar_type(), "attend_backward", [&] {
     map_gradients<scalar_t>(grad_mixed.data_ptr<scalar_t>(), attention.data_ptr<scalar_t>(),

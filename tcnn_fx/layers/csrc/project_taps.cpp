@@ -15,8 +15,7 @@
 // task copies panels of the taps (the reduction's rows, 16 output pixels wide; up to four, as many as fit
 // the L2 cache together) into the cache once and sweeps its output channels over them, 6 at a time in
 // registers, each block of 6 channels' weights loaded once for all the task's panels.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "binding.h"
 
 #include <algorithm>
 #include <cmath>
@@ -194,18 +193,18 @@ void sweep(const float* panel, int64_t reduction, const float* weight, const flo
 // each group's weights in reduction order, zero rows past the group's outputs; channels and tap_index (K,)
 // int64: the reduction order (channel within the group, tap); bias (O,) or empty; out (B, O, Q) contiguous;
 // scratch: at least threads x 4 x K x 16 floats.
-void project_taps(const torch::Tensor& taps, const torch::Tensor& packed, const torch::Tensor& channels,
-                  const torch::Tensor& tap_index, const torch::Tensor& bias, torch::Tensor out,
-                  torch::Tensor scratch) {
-  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&taps, &packed, &bias, &out, &scratch})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32, "project_taps takes float32 CPU tensors");
+void project_taps(const at::Tensor& taps, const at::Tensor& packed, const at::Tensor& channels,
+                  const at::Tensor& tap_index, const at::Tensor& bias, at::Tensor out,
+                  at::Tensor scratch) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&taps, &packed, &bias, &out, &scratch})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, "project_taps takes float32 CPU tensors");
   TORCH_CHECK(taps.dim() == 4 && taps.stride(3) == 1, "project_taps: taps must be (B, C, H, Q), unit stride along Q");
   TORCH_CHECK(packed.dim() == 4 && packed.size(3) == ROWS && packed.is_contiguous(),
               "project_taps: packed weights must be contiguous (G, blocks, K, 6)");
   const int64_t groups = packed.size(0), row_blocks = packed.size(1), reduction = packed.size(2);
   TORCH_CHECK(taps.size(1) % groups == 0 && reduction == taps.size(1) / groups * taps.size(2),
               "project_taps: the packed weights do not match the taps' channels and heads");
-  TORCH_CHECK(channels.scalar_type() == torch::kInt64 && tap_index.scalar_type() == torch::kInt64 &&
+  TORCH_CHECK(channels.scalar_type() == at::kLong && tap_index.scalar_type() == at::kLong &&
                   channels.numel() == reduction && tap_index.numel() == reduction && channels.is_contiguous() &&
                   tap_index.is_contiguous(),
               "project_taps: channels and taps must be contiguous int64 of the reduction's length");
