@@ -44,8 +44,8 @@ def module(monkeypatch):
 
 @pytest.fixture
 def calls(module, monkeypatch) -> list[str]:
-    """The kernel enabled on any processor, its calls counted by name (``content_mix``, ``attend_backward``)."""
-    return counting(native_maps, module, ("content_mix", "attend_backward"), monkeypatch)
+    """The kernel enabled on any processor, its calls counted by name."""
+    return counting(native_maps, module, ("content_mix", "content_mix_gather", "attend_backward"), monkeypatch)
 
 
 def composed_maps(q, k, base, weight):
@@ -121,13 +121,15 @@ def test_forward_not_used_where_it_cannot_read(calls):
     ],
     ids=["3x3", "stride2", "dilated-reflect", "grouped-circular", "1x1"],
 )
-def test_layer_inference_equals_the_operators_with_the_gate_open(kwargs, calls, monkeypatch):
+@pytest.mark.parametrize("size", [(11, 9), (7, 7)], ids=["gathered-in-kernel", "49-keys"])
+def test_layer_inference_equals_the_operators_with_the_gate_open(kwargs, size, calls, monkeypatch):
     torch.manual_seed(len(calls))
     layer = ConvAttention2d.from_conv(nn.Conv2d(16, 24, **kwargs)).eval()
     with torch.no_grad():
         layer.gate.uniform_(0.1, 0.9)
         layer.locality.fill_(1.5)
-    x = torch.randn(3, 16, 11, 9)
+    x = torch.randn(3, 16, *size)
+    keys = layer.geometry.padded_size(*size) if kwargs.get("padding_mode", "zeros") != "zeros" else size
 
     def run(kernel: bool):
         with monkeypatch.context() as patch, torch.no_grad():
@@ -135,8 +137,70 @@ def test_layer_inference_equals_the_operators_with_the_gate_open(kwargs, calls, 
             return layer(x)
 
     fused = run(True)
-    assert calls == ["content_mix"]
+    assert calls == ["content_mix_gather" if keys[0] * keys[1] >= native_maps.GATHER_MIN_KEYS else "content_mix"]
     assert relative_error(fused, run(False)) <= 2e-6
+
+
+def gather_operands(seed, batch, heads, dim, queries, keys, channels):
+    generator = torch.Generator().manual_seed(seed)
+    qk = torch.randn(batch, heads, 2 * dim, max(queries, keys), generator=generator) * 2
+    q, k = qk[:, :, :dim, :queries], qk[:, :, dim:, :keys]  # views with strides the layer's products give
+    values = torch.randn(batch, channels + 3, keys, generator=generator)[:, 3:]  # a view: row stride != keys
+    return q, k, values, torch.rand(heads, queries, keys, generator=generator), torch.rand(heads, generator=generator)
+
+
+@pytest.mark.parametrize(
+    ("batch", "heads", "dim", "queries", "keys", "channels"),
+    [(2, 9, 8, 64, 64, 64), (1, 3, 5, 17, 70, 13), (2, 2, 28, 49, 196, 7), (1, 4, 8, 1, 64, 1), (3, 1, 3, 33, 65, 5)],
+)
+def test_gather_is_the_maps_applied_to_the_values(module, batch, heads, dim, queries, keys, channels):
+    # Sizes on and off the panels (16 queries), the channel tiles (6, 4, 2, 1) and the transposes (8 keys).
+    q, k, values, base, weight = gather_operands(keys, batch, heads, dim, queries, keys, channels)
+    with torch.no_grad():
+        gathered = native_maps.content_mix_gather(q, k, base, weight, values)
+        mixed, _ = native_maps.content_mix(q, k, base, weight, keep=False)
+    assert gathered.shape == (batch, channels, heads, queries)
+    # The same maps, summed over the keys in float32: within recursive summation's bound of the exact sums.
+    exact = torch.einsum("bhqk,bck->bchq", mixed.double(), values.double())
+    bound = keys * 2.0**-24 * torch.einsum("bhqk,bck->bchq", mixed.double().abs(), values.double().abs())
+    assert ((gathered.double() - exact).abs() <= bound).all()
+
+
+def test_gather_with_shut_gates_and_one_hot_maps_is_exact(module):
+    # A layer as converted: each map row picks one key (or none, a tap off the image); the gather copies values.
+    generator = torch.Generator().manual_seed(3)
+    q, k, values, _, _ = gather_operands(3, 2, 3, 8, 40, 80, 11)
+    picked = torch.randint(-1, 80, (3, 40), generator=generator)
+    base = torch.nn.functional.one_hot(picked.clamp(min=0), 80).float() * (picked >= 0)[..., None]
+    with torch.no_grad():
+        gathered = native_maps.content_mix_gather(q * 50, k, base, torch.zeros(3), values)
+    expected = values[:, :, picked.clamp(min=0)] * (picked >= 0)
+    assert torch.equal(gathered, expected)
+
+
+def test_gather_is_the_same_on_any_number_of_threads(module):
+    q, k, values, base, weight = gather_operands(7, 3, 4, 8, 50, 70, 9)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            with torch.no_grad():
+                results.append(native_maps.content_mix_gather(q, k, base, weight, values).clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+
+
+def test_gather_not_used_below_its_keys_or_where_it_cannot_read(calls):
+    q, k, values, base, weight = gather_operands(1, 1, 2, 4, 5, 64, 3)
+    short = gather_operands(1, 1, 2, 4, 5, native_maps.GATHER_MIN_KEYS - 1, 3)
+    assert native_maps.content_mix_gather(*(t.double() for t in (q, k, base, weight, values))) is None
+    assert native_maps.content_mix_gather(q.requires_grad_(), k, base, weight, values) is None  # grad enabled
+    with torch.no_grad():
+        assert native_maps.content_mix_gather(short[0], short[1], short[3], short[4], short[2]) is None
+        assert native_maps.content_mix_gather(q, k, base, weight, values) is not None
+    assert calls == ["content_mix_gather"]
 
 
 def gradients(inputs, wanted, kernel: bool, monkeypatch) -> list[torch.Tensor]:

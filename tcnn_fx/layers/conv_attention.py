@@ -548,6 +548,12 @@ class ConvAttention2d(nn.Module):
         in_place = not (torch.is_grad_enabled() or capturing())
         return self._mix(x, content, weight.reshape(1, -1, 1, 1), in_place=in_place)
 
+    def _mixed_gathered(self, x: Tensor, q: Tensor, k: Tensor, values: Tensor) -> Tensor | None:
+        """``_mixed``'s maps applied to the values ``(B, C, rows, columns)``: ``(B, C, heads, queries)``, in one
+        pass of the maps kernel where it gathers (``native_maps.content_mix_gather``), else ``None``."""
+        base = self._positional_term(x.shape[-2], x.shape[-1], x.dtype)[0]
+        return native_maps.content_mix_gather(q, k, base, self.content_weight().to(x.dtype), values.flatten(2))
+
     def _mix(self, x: Tensor, content: Tensor, weight: Tensor, *, in_place: bool = False) -> Tensor:
         """``(1 - w) * positional + w * content`` per head for input ``x``, in one pass over the content maps.
 
@@ -596,13 +602,15 @@ class ConvAttention2d(nn.Module):
             # Eager CPU inference keeps its maps (and the bmm gather's taps) in recycled memory.
             scratch = x.dtype in (torch.float32, torch.float64) and not torch.is_grad_enabled() and workspace.usable(x)
             q, k, values, (out_h, out_w) = self._heads(x)
-            combined = self._mixed(x, q, k, scratch=scratch)
-            if backend is Backend.ONEDNN:
-                gathered = gather_onednn(values, combined)
-            else:
-                batch, heads, queries = combined.shape[:3]
-                taps = workspace.empty((batch, values.shape[1], heads * queries), x) if scratch else None
-                gathered = gather_bmm(values, combined, out=taps)
+            gathered = self._mixed_gathered(x, q, k, values) if scratch else None
+            if gathered is None:
+                combined = self._mixed(x, q, k, scratch=scratch)
+                if backend is Backend.ONEDNN:
+                    gathered = gather_onednn(values, combined)
+                else:
+                    batch, heads, queries = combined.shape[:3]
+                    taps = workspace.empty((batch, values.shape[1], heads * queries), x) if scratch else None
+                    gathered = gather_bmm(values, combined, out=taps)
         out = self._project(gathered).reshape(x.shape[0], self.out_channels, out_h, out_w)
         return _like_input(out, x)
 

@@ -49,6 +49,9 @@ KERNEL = "attend_maps"
 #: The dtypes of each direction: the forward's exp polynomial is float32's.
 FORWARD_DTYPES = (torch.float32,)
 BACKWARD_DTYPES = (torch.float32, torch.float64)
+#: The fewest keys at which inference gathers inside the kernel (``content_mix_gather``): with 7x7 keys (49) a
+#: task's short rows cost more than the batched product they replace (docs/conv_attention.md, "Efficiency").
+GATHER_MIN_KEYS = 64
 
 
 def enabled() -> bool:
@@ -98,6 +101,27 @@ def content_mix(q: Tensor, k: Tensor, base: Tensor, weight: Tensor, *, keep: boo
     attention = workspace.empty(shape, q) if keep else q.new_empty(0)
     module.content_mix(q, k, base.contiguous(), weight.contiguous(), mixed, attention)
     return mixed, attention
+
+
+def content_mix_gather(q: Tensor, k: Tensor, base: Tensor, weight: Tensor, values: Tensor) -> Tensor | None:
+    """``content_mix``'s maps applied to ``values``: ``(B, C, H, Q)`` in recycled memory, the maps never written.
+
+    ``values`` ``(B, C, K)``; the other operands as ``content_mix``'s.  Each
+    task of 16 map rows is transposed in the cache and swept by the value
+    channels in registers (``content_mix_gather`` in ``csrc/attend_maps.cpp``),
+    in place of writing the maps and a batched matrix product reading them
+    back.  ``None`` where the kernel is not used, or where the maps have fewer
+    than ``GATHER_MIN_KEYS`` keys: the caller uses ``content_mix`` and a product.
+    """
+    if k.shape[-1] < GATHER_MIN_KEYS:
+        return None
+    module = _usable((q, k, base, weight, values), FORWARD_DTYPES)
+    if module is None:
+        return None
+    q, k, values = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, values))
+    out = workspace.empty((values.shape[0], values.shape[1], q.shape[1], q.shape[-1]), q)
+    module.content_mix_gather(q, k, base.contiguous(), weight.contiguous(), values, out)
+    return out
 
 
 def map_gradients(

@@ -23,6 +23,10 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 // ---------------------------------------------------------------------------------------------------------
@@ -45,10 +49,17 @@ constexpr float LOG2_E = 1.4426950408889634f;
 
 inline vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
 inline void store(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
+// (Filled lane by lane, GCC's AVX2 code built the vector with five inserts.)
 inline vf splat(float x) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_set1_ps(x);
+#elif defined(__AVX2__)
+  return (vf)_mm256_set1_ps(x);
+#else
   vf v;
   for (int64_t lane = 0; lane < LANES; ++lane) v[lane] = x;
   return v;
+#endif
 }
 inline vf maximum(vf a, vf b) { return a > b ? a : b; }
 
@@ -120,6 +131,135 @@ void softmax_mix_row(float* scores, const float* base, float weight, float* mixe
   }
 }
 
+// Rows [0, count) of one head's maps from that head's queries qh (advanced to the first row) and keys kh:
+// the mixed rows into mixed (and the attention rows into attention, unless null), row after row; scores is
+// ROWS x keys of scratch, base the first row's positional term.
+void map_rows(const float* qh, const float* kh, const MixSizes& n, const float* base, float weight, int64_t count,
+              float* scores, float* mixed, float* attention) {
+  const int64_t keys = n.keys;
+  for (int64_t row = 0; row < count; row += ROWS) {
+    const int64_t rows = std::min(ROWS, count - row);
+    if (rows == ROWS) {
+      score_rows<ROWS>(qh + row, kh, n, scores, keys);
+    } else {
+      for (int64_t r = 0; r < rows; ++r) score_rows<1>(qh + row + r, kh, n, scores + r * keys, keys);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t offset = (row + r) * keys;
+      softmax_mix_row(scores + r * keys, base + offset, weight, mixed + offset,
+                      attention ? attention + offset : nullptr, keys);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward in inference: the maps applied to the values (the gather) as each task's rows are made.
+//
+// A task's TASK_ROWS map rows, transposed into a panel (keys x PANEL, queries along the lanes), are swept by
+// the image's value channels CHANNELS at a time: CHANNELS x PANEL outputs in registers, one broadcast value
+// and PANEL / LANES panel vectors per key.  The maps never leave the cache; composed, they are written to
+// memory, read back by a batched matrix product and its packing.
+
+constexpr int64_t PANEL = TASK_ROWS;  // queries per panel: one task's rows
+constexpr int64_t PANEL_VECTORS = PANEL / LANES;
+static_assert(PANEL_VECTORS == 1 || PANEL_VECTORS == 2, "a panel row is one or two vectors");
+constexpr int64_t CHANNELS = 6;  // value channels per register tile: CHANNELS x PANEL_VECTORS accumulators
+
+// panel[key * PANEL + lane] = block[lane * keys + key]: block holds PANEL rows of keys (rows past the task's
+// own are zeros).
+void transpose_block(const float* block, int64_t keys, float* panel) {
+  int64_t key = 0;
+#if defined(__AVX2__)
+  for (; key + 8 <= keys; key += 8) {
+    for (int64_t lane0 = 0; lane0 < PANEL; lane0 += 8) {
+      __m256 r[8];
+      for (int64_t i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(block + (lane0 + i) * keys + key);
+      const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+      const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+      const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      float* out = panel + key * PANEL + lane0;
+      _mm256_storeu_ps(out + 0 * PANEL, _mm256_permute2f128_ps(u0, u4, 0x20));
+      _mm256_storeu_ps(out + 1 * PANEL, _mm256_permute2f128_ps(u1, u5, 0x20));
+      _mm256_storeu_ps(out + 2 * PANEL, _mm256_permute2f128_ps(u2, u6, 0x20));
+      _mm256_storeu_ps(out + 3 * PANEL, _mm256_permute2f128_ps(u3, u7, 0x20));
+      _mm256_storeu_ps(out + 4 * PANEL, _mm256_permute2f128_ps(u0, u4, 0x31));
+      _mm256_storeu_ps(out + 5 * PANEL, _mm256_permute2f128_ps(u1, u5, 0x31));
+      _mm256_storeu_ps(out + 6 * PANEL, _mm256_permute2f128_ps(u2, u6, 0x31));
+      _mm256_storeu_ps(out + 7 * PANEL, _mm256_permute2f128_ps(u3, u7, 0x31));
+    }
+  }
+#endif
+  for (; key < keys; ++key)
+    for (int64_t lane = 0; lane < PANEL; ++lane) panel[key * PANEL + lane] = block[lane * keys + key];
+}
+
+// out[r * out_row + lane] = sum_key values[r * value_row + key] * panel[key * PANEL + lane] for r < R and the
+// first `used` lanes, the keys added in order by fused multiply-adds (so one-hot maps gather exactly).  The
+// accumulators are named variables: held in an array, GCC kept them on the stack, storing all twelve at every key.
+template <int64_t R>
+void gather_tile(const float* values, int64_t value_row, const float* panel, int64_t keys, float* out,
+                 int64_t out_row, int64_t used) {
+  static_assert(R >= 1 && R <= CHANNELS, "a tile has 1 to CHANNELS rows");
+  vf a00 = {}, a01 = {}, a10 = {}, a11 = {}, a20 = {}, a21 = {}, a30 = {}, a31 = {}, a40 = {}, a41 = {}, a50 = {},
+     a51 = {};
+  for (int64_t key = 0; key < keys; ++key) {
+    const vf p0 = load(panel + key * PANEL);
+    const vf p1 = PANEL_VECTORS > 1 ? load(panel + key * PANEL + LANES) : p0;
+#define TCNN_FX_GATHER_STEP(r)                          \
+  if (R > r) {                                          \
+    const vf s = splat(values[r * value_row + key]);    \
+    a##r##0 += s * p0;                                  \
+    if (PANEL_VECTORS > 1) a##r##1 += s * p1;           \
+  }
+    TCNN_FX_GATHER_STEP(0) TCNN_FX_GATHER_STEP(1) TCNN_FX_GATHER_STEP(2)
+    TCNN_FX_GATHER_STEP(3) TCNN_FX_GATHER_STEP(4) TCNN_FX_GATHER_STEP(5)
+#undef TCNN_FX_GATHER_STEP
+  }
+  const vf sums[CHANNELS][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}, {a40, a41}, {a50, a51}};
+  for (int64_t r = 0; r < R; ++r) {
+    float row[PANEL];
+    for (int64_t j = 0; j < PANEL_VECTORS; ++j) store(row + j * LANES, sums[r][j]);
+    std::copy(row, row + used, out + r * out_row);
+  }
+}
+
+// Every value channel's gather from one panel: tiles of CHANNELS rows, then of 4, 2 and 1.
+void gather_panel(const float* values, int64_t value_row, int64_t channels, const float* panel, int64_t keys,
+                  float* out, int64_t out_row, int64_t used) {
+  int64_t c = 0;
+  for (; c + CHANNELS <= channels; c += CHANNELS)
+    gather_tile<CHANNELS>(values + c * value_row, value_row, panel, keys, out + c * out_row, out_row, used);
+  if (channels - c >= 4) {
+    gather_tile<4>(values + c * value_row, value_row, panel, keys, out + c * out_row, out_row, used);
+    c += 4;
+  }
+  if (channels - c >= 2) {
+    gather_tile<2>(values + c * value_row, value_row, panel, keys, out + c * out_row, out_row, used);
+    c += 2;
+  }
+  if (channels - c >= 1) gather_tile<1>(values + c * value_row, value_row, panel, keys, out + c * out_row, out_row, used);
+}
+
+// Checks the operands the forward entry points share; their sizes for score_rows.
+MixSizes forward_sizes(const char* name, const at::Tensor& q, const at::Tensor& k, const at::Tensor& base,
+                       const at::Tensor& weight) {
+  for (const auto* t : {&q, &k, &base, &weight})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, name, " takes float32 CPU tensors");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0) && q.size(1) == k.size(1) &&
+                  q.size(2) == k.size(2) && q.stride(3) == 1 && k.stride(3) == 1,
+              name, ": q and k must be (B, H, d, pixels) with unit stride along the pixels");
+  const int64_t heads = q.size(1), queries = q.size(3), keys = k.size(3);
+  TORCH_CHECK(base.is_contiguous() && base.dim() == 3 && base.size(0) == heads && base.size(1) == queries &&
+                  base.size(2) == keys && weight.is_contiguous() && weight.numel() == heads,
+              name, ": base must be contiguous (H, Q, K) and weight (H,)");
+  return MixSizes{q.size(2), keys, q.stride(2), k.stride(2)};
+}
+
 }  // namespace
 
 // q (B, H, d, Q) and k (B, H, d, K), unit stride along the pixels, queries already scaled by 1/sqrt(d);
@@ -127,22 +267,16 @@ void softmax_mix_row(float* scores, const float* base, float weight, float* mixe
 // (attention may be empty: not written).  Writes M into mixed and A into attention; float32 CPU tensors.
 void content_mix(const at::Tensor& q, const at::Tensor& k, const at::Tensor& base,
                  const at::Tensor& weight, const at::Tensor& mixed, const at::Tensor& attention) {
-  for (const auto* t : {&q, &k, &base, &weight, &mixed, &attention})
+  const MixSizes n = forward_sizes("content_mix", q, k, base, weight);
+  for (const auto* t : {&mixed, &attention})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, "content_mix takes float32 CPU tensors");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0) && q.size(1) == k.size(1) &&
-                  q.size(2) == k.size(2) && q.stride(3) == 1 && k.stride(3) == 1,
-              "content_mix: q and k must be (B, H, d, pixels) with unit stride along the pixels");
   const int64_t batch = q.size(0), heads = q.size(1), queries = q.size(3), keys = k.size(3);
-  TORCH_CHECK(base.is_contiguous() && base.dim() == 3 && base.size(0) == heads && base.size(1) == queries &&
-                  base.size(2) == keys && weight.is_contiguous() && weight.numel() == heads,
-              "content_mix: base must be contiguous (H, Q, K) and weight (H,)");
   TORCH_CHECK(mixed.is_contiguous() && mixed.dim() == 4 && mixed.size(0) == batch && mixed.size(1) == heads &&
                   mixed.size(2) == queries && mixed.size(3) == keys,
               "content_mix: mixed must be contiguous (B, H, Q, K)");
   const bool keep = attention.numel() > 0;
   TORCH_CHECK(!keep || (attention.is_contiguous() && attention.sizes() == mixed.sizes()),
               "content_mix: attention must be empty or like mixed");
-  const MixSizes n{q.size(2), keys, q.stride(2), k.stride(2)};
   const float* q_ptr = q.data_ptr<float>();
   const float* k_ptr = k.data_ptr<float>();
   const float* base_ptr = base.data_ptr<float>();
@@ -156,21 +290,48 @@ void content_mix(const at::Tensor& q, const at::Tensor& k, const at::Tensor& bas
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks, h = bh % heads, b = bh / heads;
       const int64_t first = task % blocks * TASK_ROWS, last = std::min(first + TASK_ROWS, queries);
-      const float* qh = q_ptr + b * q.stride(0) + h * q.stride(1);
-      const float* kh = k_ptr + b * k.stride(0) + h * k.stride(1);
-      for (int64_t row = first; row < last; row += ROWS) {
-        const int64_t count = std::min(ROWS, last - row);
-        if (count == ROWS) {
-          score_rows<ROWS>(qh + row, kh, n, rows.data(), keys);
-        } else {
-          for (int64_t r = 0; r < count; ++r) score_rows<1>(qh + row + r, kh, n, rows.data() + r * keys, keys);
-        }
-        for (int64_t r = 0; r < count; ++r) {
-          const int64_t offset = (bh * queries + row + r) * keys;
-          softmax_mix_row(rows.data() + r * keys, base_ptr + (h * queries + row + r) * keys, w_ptr[h],
-                          m_ptr + offset, a_ptr ? a_ptr + offset : nullptr, keys);
-        }
-      }
+      const int64_t offset = (bh * queries + first) * keys;
+      map_rows(q_ptr + b * q.stride(0) + h * q.stride(1) + first, k_ptr + b * k.stride(0) + h * k.stride(1), n,
+               base_ptr + (h * queries + first) * keys, w_ptr[h], last - first, rows.data(), m_ptr + offset,
+               a_ptr ? a_ptr + offset : nullptr);
+    }
+  });
+}
+
+// content_mix's maps applied to the values in inference: out[b, c, h, q] = sum_key M[b, h, q, key] *
+// values[b, c, key], without writing M.  values (B, C, K) with unit stride along the keys; out (B, C, H, Q),
+// contiguous; the other operands as content_mix's.
+void content_mix_gather(const at::Tensor& q, const at::Tensor& k, const at::Tensor& base, const at::Tensor& weight,
+                        const at::Tensor& values, const at::Tensor& out) {
+  const MixSizes n = forward_sizes("content_mix_gather", q, k, base, weight);
+  for (const auto* t : {&values, &out})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat,
+                "content_mix_gather takes float32 CPU tensors");
+  const int64_t batch = q.size(0), heads = q.size(1), queries = q.size(3), keys = k.size(3);
+  TORCH_CHECK(values.dim() == 3 && values.size(0) == batch && values.size(2) == keys && values.stride(2) == 1,
+              "content_mix_gather: values must be (B, C, K) with unit stride along the keys");
+  const int64_t channels = values.size(1);
+  TORCH_CHECK(out.is_contiguous() && out.dim() == 4 && out.size(0) == batch && out.size(1) == channels &&
+                  out.size(2) == heads && out.size(3) == queries,
+              "content_mix_gather: out must be contiguous (B, C, H, Q)");
+  const float* q_ptr = q.data_ptr<float>();
+  const float* k_ptr = k.data_ptr<float>();
+  const float* base_ptr = base.data_ptr<float>();
+  const float* w_ptr = weight.data_ptr<float>();
+  const float* v_ptr = values.data_ptr<float>();
+  float* o_ptr = out.data_ptr<float>();
+  const int64_t blocks = (queries + TASK_ROWS - 1) / TASK_ROWS;
+  at::parallel_for(0, batch * heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(ROWS * keys), block(PANEL * keys), panel(keys * PANEL);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / blocks, h = bh % heads, b = bh / heads;
+      const int64_t first = task % blocks * TASK_ROWS, count = std::min(TASK_ROWS, queries - first);
+      map_rows(q_ptr + b * q.stride(0) + h * q.stride(1) + first, k_ptr + b * k.stride(0) + h * k.stride(1), n,
+               base_ptr + (h * queries + first) * keys, w_ptr[h], count, scores.data(), block.data(), nullptr);
+      std::fill(block.begin() + count * keys, block.end(), 0.0f);
+      transpose_block(block.data(), keys, panel.data());
+      gather_panel(v_ptr + b * values.stride(0), values.stride(1), channels, panel.data(), keys,
+                   o_ptr + ((b * channels) * heads + h) * queries + first, heads * queries, count);
     }
   });
 }
@@ -277,5 +438,6 @@ std::tuple<at::Tensor, at::Tensor> attend_backward(const at::Tensor& grad_mixed,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("content_mix", &content_mix);
+  m.def("content_mix_gather", &content_mix_gather);
   m.def("attend_backward", &attend_backward);
 }
