@@ -22,6 +22,7 @@ import functools
 import importlib
 import inspect
 import math
+import operator
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -91,6 +92,36 @@ def _torchvision_registries() -> tuple[set[type], tuple]:
     return set(feature_extraction._get_leaf_modules_for_ops()), (torchvision.ops,)
 
 
+#: Augmented assignments a traced model may make: ``x += y`` on a tensor is an in-place ``add_``.
+IN_PLACE_OPERATORS = ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor")
+
+
+class InPlaceProxy(fx.Proxy):
+    """An ``fx.Proxy`` that records augmented assignments as the in-place operators they are.
+
+    ``fx.Proxy`` has no ``__iadd__``, so Python falls back to ``__add__``
+    and ``out += identity`` (every torchvision ResNet block) is traced as an
+    out-of-place addition: the captured model then allocates a new tensor
+    per block where the model updated one, which cost a captured ResNet-50 7-15%
+    of its eager time at batch 8.  Recorded as ``operator.iadd``, the graph
+    does what the model's code does (fx prints it back as ``x += y``).
+    """
+
+
+def _in_place(name: str):
+    target = getattr(operator, name)
+
+    def method(self: InPlaceProxy, other):
+        return self.tracer.create_proxy("call_function", target, (self, other), {})
+
+    method.__name__ = f"__{name}__"
+    return method
+
+
+for _name in IN_PLACE_OPERATORS:
+    setattr(InPlaceProxy, f"__{_name}__", _in_place(_name))
+
+
 class CaptureTracer(fx.Tracer):
     """An ``fx.Tracer`` with the library registries, extra leaves by type or name, and a module stack.
 
@@ -112,6 +143,9 @@ class CaptureTracer(fx.Tracer):
         self.leaf_names = set(leaf_names)
         self.path: list[str] = []
         self.failed_module: str | None = None
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return InPlaceProxy(node, self)
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         if qualified_name in self.leaf_names:

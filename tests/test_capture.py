@@ -1,5 +1,7 @@
 """Capture: tracing with registries, fallback leaves, train/eval agreement, bad input."""
 
+import operator
+
 import pytest
 import torch
 from torch import nn
@@ -80,7 +82,11 @@ def test_wrong_input_shape_names_the_module():
 @pytest.mark.parametrize(
     ("model", "x", "message"),
     [
-        (nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(6)), torch.randn(1, 3, 8, 8), "BatchNorm2d\\(6\\) got an input with 8"),
+        (
+            nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(6)),
+            torch.randn(1, 3, 8, 8),
+            "BatchNorm2d\\(6\\) got an input with 8",
+        ),
         (nn.Sequential(nn.Flatten(), nn.BatchNorm2d(3)), torch.randn(1, 3, 8, 8), "expected 4D input"),
     ],
 )
@@ -100,3 +106,32 @@ def test_timm_same_padding_convolution_is_traced_through():
     # in front of the site (which sees the padded 65x65 input), so a hybrid pads right at every size.
     assert stem.kind == "functional" and stem.convertible and stem.pad_node is None
     assert stem.geometry.padding == (0, 0, 0, 0) and stem.input_size == (65, 65) and stem.output_size == (32, 32)
+
+
+class AugmentedAssignments(nn.Module):
+    """A residual block updated in place, and an alias that sees the update (as eager code does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        out = self.conv(x)
+        alias = out
+        out += x
+        out *= 0.5
+        return torch.cat([alias, out])
+
+
+def test_augmented_assignments_stay_in_place():
+    # fx traces `out += x` as an out-of-place add: the alias would keep the convolution's output.
+    torchvision = pytest.importorskip("torchvision")
+    model = AugmentedAssignments().eval()
+    x = torch.randn(2, 4, 6, 6)
+    graph_module = capture(model, (x,))
+    targets = [node.target for node in graph_module.graph.nodes if node.op == "call_function"]
+    assert operator.iadd in targets and operator.imul in targets and operator.add not in targets
+    with torch.no_grad():
+        assert torch.equal(graph_module(x), model(x))
+    resnet = capture(torchvision.models.resnet18(), (torch.randn(1, 3, 64, 64),))
+    assert sum(node.target is operator.iadd for node in resnet.graph.nodes) == 8  # one per BasicBlock
