@@ -17,7 +17,8 @@ them:
   half precision, autocast, GPU inference, and graphs captured for use
   outside PyTorch; in eager float32 CPU inference the content scores,
   softmax and mix are one pass of the maps kernel (``native_maps``) where
-  it is used, as they are in ``TRAINING``'s forward.
+  it is used, as they are in ``TRAINING``'s forward, and from 64 keys the
+  same pass gathers too (``native_maps.content_mix_gather``).
 
 In eager float32 CPU inference every backend but ``TRAINING`` hands its
 gathered taps to the projection kernel (``native_projection``) where it is

@@ -12,6 +12,10 @@ traffic, and PyTorch's operators walk the maps once per operator.
   memory, and PyTorch's softmax costs as much as its ``exp`` alone; the
   kernel's ``exp`` is a polynomial on the vector lanes (relative error
   about 1e-7, float32 rounding);
+* inference (``content_mix_gather``, float32, from ``GATHER_MIN_KEYS``
+  keys): the same maps applied to the values as they are made, 16 rows at
+  a time transposed in the cache and swept by the channels in registers,
+  so the maps are never written and no batched product reads them back;
 * backward (``map_gradients``, float32 and float64): from ``dM``, the
   gradient of the mixed maps, the softmax backward ``dS = A (dM - r)``
   (``r`` the rows' ``sum_k dM * A``), the batch sum of ``dM`` (for the

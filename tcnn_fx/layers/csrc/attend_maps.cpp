@@ -5,6 +5,8 @@
 //   where the caller keeps it for a backward).  Composed from PyTorch operators the scores, the softmax and
 //   the mix each walk the maps in memory, and the softmax's exp costs as much as the rest of the three
 //   together; here the exp is a polynomial on the vector lanes.
+// content_mix_gather (inference, float32): content_mix's maps applied to the values as each task makes
+//   them (out[b, c, h, q] = sum_key M[b, h, q, key] values[b, c, key]), the maps never written.
 // map_gradients (backward, float32 and float64): from dM, the gradient of M, and A:
 //   r            = sum_k dM * A                 (per map row: the softmax backward's row term)
 //   dS           = A (dM - r)                   (written over dM; the caller scales by w later)
