@@ -83,21 +83,26 @@ def test_forward_with_shut_gates_is_the_positional_term_exactly(module):
     assert torch.equal(mixed, base.expand_as(mixed))
 
 
-def test_forward_is_the_same_on_any_number_of_threads(module):
-    # Tasks of 16 map rows split over the thread pool: each row is written by one thread, whatever the count.
-    generator = torch.Generator().manual_seed(5)
-    q, k = torch.randn(3, 4, 8, 50, generator=generator), torch.randn(3, 4, 8, 70, generator=generator)
-    base, weight = torch.rand(4, 50, 70, generator=generator), torch.rand(4, generator=generator)
+def on_thread_counts(compute) -> list:
+    """``compute()`` without autograd on 1, 2 and 3 threads of PyTorch's pool (restored after)."""
     threads = torch.get_num_threads()
     results = []
     try:
         for count in (1, 2, 3):
             torch.set_num_threads(count)
             with torch.no_grad():
-                results.append(native_maps.content_mix(q, k, base, weight, keep=True))
+                results.append(compute())
     finally:
         torch.set_num_threads(threads)
-    (mixed, attention), *others = results
+    return results
+
+
+def test_forward_is_the_same_on_any_number_of_threads(module):
+    # Tasks of 16 map rows split over the thread pool: each row is written by one thread, whatever the count.
+    generator = torch.Generator().manual_seed(5)
+    q, k = torch.randn(3, 4, 8, 50, generator=generator), torch.randn(3, 4, 8, 70, generator=generator)
+    base, weight = torch.rand(4, 50, 70, generator=generator), torch.rand(4, generator=generator)
+    (mixed, attention), *others = on_thread_counts(lambda: native_maps.content_mix(q, k, base, weight, keep=True))
     assert all(torch.equal(m, mixed) and torch.equal(a, attention) for m, a in others)
 
 
@@ -180,15 +185,7 @@ def test_gather_with_shut_gates_and_one_hot_maps_is_exact(module):
 
 def test_gather_is_the_same_on_any_number_of_threads(module):
     q, k, values, base, weight = gather_operands(7, 3, 4, 8, 50, 70, 9)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            with torch.no_grad():
-                results.append(native_maps.content_mix_gather(q, k, base, weight, values).clone())
-    finally:
-        torch.set_num_threads(threads)
+    results = on_thread_counts(lambda: native_maps.content_mix_gather(q, k, base, weight, values).clone())
     assert all(torch.equal(r, results[0]) for r in results[1:])
 
 
