@@ -56,10 +56,21 @@ def composed_maps(q, k, base, weight):
 
 @pytest.mark.parametrize(
     ("batch", "heads", "dim", "queries", "keys"),
-    [(1, 9, 8, 64, 64), (3, 2, 5, 7, 13), (2, 4, 28, 49, 196), (1, 1, 3, 1, 1), (2, 3, 32, 21, 17), (1, 2, 8, 6, 50)],
+    [
+        (1, 9, 8, 64, 64),
+        (3, 2, 5, 7, 13),
+        (2, 4, 28, 49, 196),
+        (1, 1, 3, 1, 1),
+        (2, 3, 32, 21, 17),
+        (1, 2, 8, 6, 50),
+        (2, 3, 4, 10, 24),
+        (1, 2, 6, 5, 25),
+        (2, 1, 3, 9, 47),
+    ],
 )
 def test_forward_maps_equal_the_operators(module, batch, heads, dim, queries, keys):
-    # Sizes on and off the kernel's vectors (8 or 16 keys), tiles (4 rows, 2 vectors) and tasks (16 rows).
+    # Sizes on and off the kernel's vectors (8 or 16 keys), tiles (4 rows, 3 vectors: 24 or 48 keys, the last
+    # one partial) and tasks (16 rows).
     generator = torch.Generator().manual_seed(batch * 1000 + keys)
     qk = torch.randn(batch, heads, 2 * dim, max(queries, keys), generator=generator) * 2
     q, k = qk[:, :, :dim, :queries], qk[:, :, dim:, :keys]  # views with strides the layer's products give

@@ -44,7 +44,8 @@ constexpr int64_t LANES = 8;  // AVX2, and portable builds (the compiler splits 
 typedef float vf __attribute__((vector_size(LANES * 4), aligned(4), may_alias));
 typedef int32_t vi __attribute__((vector_size(LANES * 4)));
 constexpr int64_t ROWS = 4;     // map rows (queries) computed together: each key vector loaded once for four
-constexpr int64_t VECTORS = 2;  // key vectors per tile: ROWS x VECTORS accumulators in registers
+constexpr int64_t VECTORS = 3;  // key vectors per tile: ROWS x VECTORS accumulators in registers (with 8, the
+                                // FMAs waited on each other)
 constexpr int64_t TILE = VECTORS * LANES;
 constexpr int64_t TASK_ROWS = 16;  // map rows per task of the thread pool
 constexpr float LOG2_E = 1.4426950408889634f;
@@ -65,93 +66,128 @@ inline vf splat(float x) {
 }
 inline vf maximum(vf a, vf b) { return a > b ? a : b; }
 
+// The first `count` floats at p (0 <= count <= LANES), the other lanes zero; nothing past them is read.
+inline vf load_first(const float* p, int64_t count) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_maskz_loadu_ps((__mmask16)((1u << count) - 1), p);
+#elif defined(__AVX2__)
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return (vf)_mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)count), lanes));
+#else
+  vf v = {};
+  for (int64_t lane = 0; lane < count; ++lane) v[lane] = p[lane];
+  return v;
+#endif
+}
+// v's first `count` lanes to p (0 <= count <= LANES); nothing past them is written.
+inline void store_first(float* p, vf v, int64_t count) {
+#if defined(__AVX512F__)
+  _mm512_mask_storeu_ps(p, (__mmask16)((1u << count) - 1), (__m512)v);
+#elif defined(__AVX2__)
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)count), lanes), (__m256)v);
+#else
+  for (int64_t lane = 0; lane < count; ++lane) p[lane] = v[lane];
+#endif
+}
+// Lanes of vector j in a tile `width` keys wide.
+inline int64_t lanes_of(int64_t width, int64_t j) { return std::clamp<int64_t>(width - j * LANES, 0, LANES); }
+
 struct MixSizes {
   int64_t dim, keys, q_dim_stride, k_dim_stride;
 };
 
-// rows[r * stride + key] = sum_d q[d * q_dim_stride + r] * k[d * k_dim_stride + key] for r < R, all keys.
-template <int64_t R>
-void score_rows(const float* q, const float* k, const MixSizes& n, float* rows, int64_t stride) {
-  int64_t key = 0;
-  for (; key + TILE <= n.keys; key += TILE) {
-    vf acc[R][VECTORS] = {};
-    for (int64_t d = 0; d < n.dim; ++d) {
-      vf column[VECTORS];
-      for (int64_t j = 0; j < VECTORS; ++j) column[j] = load(k + d * n.k_dim_stride + key + j * LANES);
-      for (int64_t r = 0; r < R; ++r) {
-        const vf s = splat(q[d * n.q_dim_stride + r]);
-        for (int64_t j = 0; j < VECTORS; ++j) acc[r][j] += s * column[j];
-      }
+// rows[r * stride + key] = sum_d q[d * q_dim_stride + r] * k[d * k_dim_stride + key] for r < R and the `width`
+// keys from k (at most TILE; PARTIAL where fewer: lanes past them are zeros, not read or written).
+template <int64_t R, bool PARTIAL>
+void score_tile(const float* q, const float* k, const MixSizes& n, float* rows, int64_t stride, int64_t width) {
+  vf acc[R][VECTORS];  // (zeroed by loops: "= {}" was a rep stos over the array on the stack at every tile)
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < VECTORS; ++j) acc[r][j] = vf{};
+  for (int64_t d = 0; d < n.dim; ++d) {
+    vf column[VECTORS];
+    for (int64_t j = 0; j < VECTORS; ++j) {
+      const float* from = k + d * n.k_dim_stride + j * LANES;
+      column[j] = PARTIAL ? load_first(from, lanes_of(width, j)) : load(from);
     }
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t j = 0; j < VECTORS; ++j) store(rows + r * stride + key + j * LANES, acc[r][j]);
+    for (int64_t r = 0; r < R; ++r) {
+      const vf s = splat(q[d * n.q_dim_stride + r]);
+      for (int64_t j = 0; j < VECTORS; ++j) acc[r][j] += s * column[j];
+    }
   }
-  for (; key < n.keys; ++key) {
-    float acc[R] = {};
-    for (int64_t d = 0; d < n.dim; ++d)
-      for (int64_t r = 0; r < R; ++r) acc[r] += q[d * n.q_dim_stride + r] * k[d * n.k_dim_stride + key];
-    for (int64_t r = 0; r < R; ++r) rows[r * stride + key] = acc[r];
-  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < VECTORS; ++j) {
+      float* to = rows + r * stride + j * LANES;
+      PARTIAL ? store_first(to, acc[r][j], lanes_of(width, j)) : store(to, acc[r][j]);
+    }
 }
 
-// One map row from its scores (overwritten with 2^((s - max) log2 e)): mixed = base + w A, attention = A.
-void softmax_mix_row(float* scores, const float* base, float weight, float* mixed, float* attention,
-                     int64_t keys) {
-  const int64_t whole = keys / LANES * LANES;
+// One map row, in place: from its scores to mixed = base + w A (and attention = A, unless null).  The keys
+// past the last whole vector are one partial vector (lanes past the row: -inf into the max, 0 into the sum).
+void softmax_mix_row(float* row, const float* base, float weight, float* attention, int64_t keys) {
+  const int64_t whole = keys / LANES * LANES, rest = keys - whole;
+  vi lane;
+  for (int64_t i = 0; i < LANES; ++i) lane[i] = (int32_t)i;
+  const vi in_row = lane < (int32_t)rest;
+  const vf none = splat(-INFINITY);
+  vf running = none;
+  for (int64_t key = 0; key < whole; key += LANES) running = maximum(running, load(row + key));
+  if (rest) running = maximum(running, in_row ? load_first(row + whole, rest) : none);
   float top = -INFINITY;
-  if (whole) {
-    vf running = load(scores);
-    for (int64_t key = LANES; key < whole; key += LANES) running = maximum(running, load(scores + key));
-    for (int64_t lane = 0; lane < LANES; ++lane) top = std::max(top, running[lane]);
-  }
-  for (int64_t key = whole; key < keys; ++key) top = std::max(top, scores[key]);
+  for (int64_t i = 0; i < LANES; ++i) top = std::max(top, running[i]);
   // s - top first, exactly <= 0 for every score (scaling first could round the largest above zero).
   const vf highest = splat(top), log2_e = splat(LOG2_E);
   vf sums = {};
   for (int64_t key = 0; key < whole; key += LANES) {
-    const vf e = exp2_nonpositive<vf, vi>((load(scores + key) - highest) * log2_e);
-    store(scores + key, e);
+    const vf e = exp2_nonpositive<vf, vi>((load(row + key) - highest) * log2_e);
+    store(row + key, e);
+    sums += e;
+  }
+  if (rest) {
+    const vf e = in_row ? exp2_nonpositive<vf, vi>((load_first(row + whole, rest) - highest) * log2_e) : vf{};
+    store_first(row + whole, e, rest);
     sums += e;
   }
   float sum = 0;
-  for (int64_t lane = 0; lane < LANES; ++lane) sum += sums[lane];
-  for (int64_t key = whole; key < keys; ++key) {
-    scores[key] = std::exp2((scores[key] - top) * LOG2_E);
-    sum += scores[key];
-  }
-  const float inverse = 1.0f / sum;
-  const vf inv = splat(inverse), w = splat(weight);
+  for (int64_t i = 0; i < LANES; ++i) sum += sums[i];
+  const vf inv = splat(1.0f / sum), w = splat(weight);
   for (int64_t key = 0; key < whole; key += LANES) {
-    const vf a = load(scores + key) * inv;
-    store(mixed + key, load(base + key) + w * a);
+    const vf a = load(row + key) * inv;
+    store(row + key, load(base + key) + w * a);
     if (attention) store(attention + key, a);
   }
-  for (int64_t key = whole; key < keys; ++key) {
-    const float a = scores[key] * inverse;
-    mixed[key] = base[key] + weight * a;
-    if (attention) attention[key] = a;
+  if (rest) {
+    const vf a = load_first(row + whole, rest) * inv;
+    store_first(row + whole, load_first(base + whole, rest) + w * a, rest);
+    if (attention) store_first(attention + whole, a, rest);
   }
 }
 
-// Rows [0, count) of one head's maps from that head's queries qh (advanced to the first row) and keys kh:
-// the mixed rows into mixed (and the attention rows into attention, unless null), row after row; scores is
-// ROWS x keys of scratch, base the first row's positional term.
+// score_tile for rows [0, count) (stride n.keys): four rows at a time, then one.
+template <bool PARTIAL>
+void score_columns(const float* qh, const float* k, const MixSizes& n, int64_t count, float* rows, int64_t width) {
+  int64_t row = 0;
+  for (; row + ROWS <= count; row += ROWS) score_tile<ROWS, PARTIAL>(qh + row, k, n, rows + row * n.keys, n.keys, width);
+  for (; row < count; ++row) score_tile<1, PARTIAL>(qh + row, k, n, rows + row * n.keys, n.keys, width);
+}
+
+// Rows [0, count) of one head's maps from that head's queries qh (advanced to the first row) and keys kh: the
+// mixed rows into mixed (their scores first: key tiles outer, so each tile of keys is read from the cache once
+// for every four rows), and the attention rows into attention, unless null; base is the first row's
+// positional term.
 void map_rows(const float* qh, const float* kh, const MixSizes& n, const float* base, float weight, int64_t count,
-              float* scores, float* mixed, float* attention) {
+              float* mixed, float* attention) {
   const int64_t keys = n.keys;
-  for (int64_t row = 0; row < count; row += ROWS) {
-    const int64_t rows = std::min(ROWS, count - row);
-    if (rows == ROWS) {
-      score_rows<ROWS>(qh + row, kh, n, scores, keys);
+  for (int64_t key = 0; key < keys; key += TILE) {
+    const int64_t width = std::min(TILE, keys - key);
+    if (width == TILE) {
+      score_columns<false>(qh, kh + key, n, count, mixed + key, width);
     } else {
-      for (int64_t r = 0; r < rows; ++r) score_rows<1>(qh + row + r, kh, n, scores + r * keys, keys);
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t offset = (row + r) * keys;
-      softmax_mix_row(scores + r * keys, base + offset, weight, mixed + offset,
-                      attention ? attention + offset : nullptr, keys);
+      score_columns<true>(qh, kh + key, n, count, mixed + key, width);
     }
   }
+  for (int64_t row = 0; row < count; ++row)
+    softmax_mix_row(mixed + row * keys, base + row * keys, weight, attention ? attention + row * keys : nullptr, keys);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -224,9 +260,13 @@ void gather_tile(const float* values, int64_t value_row, const float* panel, int
   }
   const vf sums[CHANNELS][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}, {a40, a41}, {a50, a51}};
   for (int64_t r = 0; r < R; ++r) {
+    if (used == PANEL) {  // (std::copy here was a call to memmove per row: a tenth of the kernel's time)
+      for (int64_t j = 0; j < PANEL_VECTORS; ++j) store(out + r * out_row + j * LANES, sums[r][j]);
+      continue;
+    }
     float row[PANEL];
     for (int64_t j = 0; j < PANEL_VECTORS; ++j) store(row + j * LANES, sums[r][j]);
-    std::copy(row, row + used, out + r * out_row);
+    for (int64_t lane = 0; lane < used; ++lane) out[r * out_row + lane] = row[lane];
   }
 }
 
@@ -288,13 +328,12 @@ void content_mix(const at::Tensor& q, const at::Tensor& k, const at::Tensor& bas
   const int64_t blocks = (queries + TASK_ROWS - 1) / TASK_ROWS;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(TASK_ROWS * keys, 1));
   at::parallel_for(0, batch * heads * blocks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> rows(ROWS * keys);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks, h = bh % heads, b = bh / heads;
       const int64_t first = task % blocks * TASK_ROWS, last = std::min(first + TASK_ROWS, queries);
       const int64_t offset = (bh * queries + first) * keys;
       map_rows(q_ptr + b * q.stride(0) + h * q.stride(1) + first, k_ptr + b * k.stride(0) + h * k.stride(1), n,
-               base_ptr + (h * queries + first) * keys, w_ptr[h], last - first, rows.data(), m_ptr + offset,
+               base_ptr + (h * queries + first) * keys, w_ptr[h], last - first, m_ptr + offset,
                a_ptr ? a_ptr + offset : nullptr);
     }
   });
@@ -324,12 +363,12 @@ void content_mix_gather(const at::Tensor& q, const at::Tensor& k, const at::Tens
   float* o_ptr = out.data_ptr<float>();
   const int64_t blocks = (queries + TASK_ROWS - 1) / TASK_ROWS;
   at::parallel_for(0, batch * heads * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(ROWS * keys), block(PANEL * keys), panel(keys * PANEL);
+    std::vector<float> block(PANEL * keys), panel(keys * PANEL);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks, h = bh % heads, b = bh / heads;
       const int64_t first = task % blocks * TASK_ROWS, count = std::min(TASK_ROWS, queries - first);
       map_rows(q_ptr + b * q.stride(0) + h * q.stride(1) + first, k_ptr + b * k.stride(0) + h * k.stride(1), n,
-               base_ptr + (h * queries + first) * keys, w_ptr[h], count, scores.data(), block.data(), nullptr);
+               base_ptr + (h * queries + first) * keys, w_ptr[h], count, block.data(), nullptr);
       std::fill(block.begin() + count * keys, block.end(), 0.0f);
       transpose_block(block.data(), keys, panel.data());
       gather_panel(v_ptr + b * values.stride(0), values.stride(1), channels, panel.data(), keys,
