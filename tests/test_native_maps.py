@@ -173,9 +173,12 @@ def test_gather_is_the_maps_applied_to_the_values(module, batch, heads, dim, que
     # Sizes on and off the panels (16 queries), the channel tiles (6, 4, 2, 1) and the transposes (8 keys).
     q, k, values, base, weight = gather_operands(keys, batch, heads, dim, queries, keys, channels)
     with torch.no_grad():
-        gathered = native_maps.content_mix_gather(q, k, base, weight, values)
-        mixed, _ = native_maps.content_mix(q, k, base, weight, keep=False)
+        gathered, attention = native_maps.content_mix_gather(q, k, base, weight, values, keep=True)
+        alone, nothing = native_maps.content_mix_gather(q, k, base, weight, values)
+        mixed, expected_attention = native_maps.content_mix(q, k, base, weight, keep=True)
     assert gathered.shape == (batch, channels, heads, queries)
+    # The softmax a training forward keeps is content_mix's, bit for bit; keeping it changes nothing else.
+    assert torch.equal(attention, expected_attention) and torch.equal(alone, gathered) and nothing.numel() == 0
     # The same maps, summed over the keys in float32: within recursive summation's bound of the exact sums.
     exact = torch.einsum("bhqk,bck->bchq", mixed.double(), values.double())
     bound = keys * 2.0**-24 * torch.einsum("bhqk,bck->bchq", mixed.double().abs(), values.double().abs())
@@ -189,14 +192,14 @@ def test_gather_with_shut_gates_and_one_hot_maps_is_exact(module):
     picked = torch.randint(-1, 80, (3, 40), generator=generator)
     base = torch.nn.functional.one_hot(picked.clamp(min=0), 80).float() * (picked >= 0)[..., None]
     with torch.no_grad():
-        gathered = native_maps.content_mix_gather(q * 50, k, base, torch.zeros(3), values)
+        gathered, _ = native_maps.content_mix_gather(q * 50, k, base, torch.zeros(3), values)
     expected = values[:, :, picked.clamp(min=0)] * (picked >= 0)
     assert torch.equal(gathered, expected)
 
 
 def test_gather_is_the_same_on_any_number_of_threads(module):
     q, k, values, base, weight = gather_operands(7, 3, 4, 8, 50, 70, 9)
-    results = on_thread_counts(lambda: native_maps.content_mix_gather(q, k, base, weight, values).clone())
+    results = on_thread_counts(lambda: native_maps.content_mix_gather(q, k, base, weight, values)[0].clone())
     assert all(torch.equal(r, results[0]) for r in results[1:])
 
 
@@ -238,14 +241,15 @@ def test_kernel_equals_operators_for_every_needs_mask(wanted, calls, monkeypatch
             assert relative_error(actual, expected) <= 2e-6, (i, batch)
 
 
+@pytest.mark.parametrize("size", [(7, 9), (9, 9)], ids=["63-keys", "gathered-in-kernel"])
 @pytest.mark.parametrize("kernel_size", [1, 3, 5])
-def test_layer_gradients_equal_with_the_gate_open(kernel_size, calls, monkeypatch):
+def test_layer_gradients_equal_with_the_gate_open(kernel_size, size, calls, monkeypatch):
     torch.manual_seed(kernel_size)
     layer = ConvAttention2d.from_conv(nn.Conv2d(6, 8, kernel_size, padding=kernel_size // 2))
     with torch.no_grad():
         layer.gate.fill_(0.4)
         layer.locality.fill_(1.5)  # soft positional maps: gradient reaches centres and locality
-    x = torch.randn(3, 6, 7, 9)
+    x = torch.randn(3, 6, *size)
 
     def layer_gradients(kernel: bool):
         with monkeypatch.context() as patch:
@@ -256,7 +260,9 @@ def test_layer_gradients_equal_with_the_gate_open(kernel_size, calls, monkeypatc
         return {name: p.grad.clone() for name, p in layer.named_parameters()} | {"input": inputs.grad}
 
     fused = layer_gradients(True)
-    assert set(calls) == {"content_mix", "attend_backward"}  # the forward's maps and the backward's
+    # The forward's maps (gathered in the kernel from GATHER_MIN_KEYS keys) and the backward's.
+    forward = "content_mix_gather" if size[0] * size[1] >= native_maps.GATHER_MIN_KEYS else "content_mix"
+    assert set(calls) == {forward, "attend_backward"}
     for name, expected in layer_gradients(False).items():
         assert relative_error(fused[name], expected) <= 1e-5, name
 

@@ -83,6 +83,9 @@ def _forward(q: Tensor, k: Tensor, values: Tensor, positional: Tensor, weight: T
     heads, queries = positional.shape[:2]
     # The maps and the gathered taps in recycled memory (``workspace``): no page faults for them each step.
     base = _kept(positional, weight)
+    fused = native_maps.content_mix_gather(q, k, base, weight, values, keep=True)
+    if fused is not None:  # scores, softmax, mix and gather in one pass of the compiled kernel; M never written
+        return fused
     fused = native_maps.content_mix(q, k, base, weight, keep=True)
     if fused is not None:  # scores, softmax and mix in one pass of the compiled kernel
         mixed, attention = fused

@@ -552,7 +552,8 @@ class ConvAttention2d(nn.Module):
         """``_mixed``'s maps applied to the values ``(B, C, rows, columns)``: ``(B, C, heads, queries)``, in one
         pass of the maps kernel where it gathers (``native_maps.content_mix_gather``), else ``None``."""
         base = self._positional_term(x.shape[-2], x.shape[-1], x.dtype)[0]
-        return native_maps.content_mix_gather(q, k, base, self.content_weight().to(x.dtype), values.flatten(2))
+        fused = native_maps.content_mix_gather(q, k, base, self.content_weight().to(x.dtype), values.flatten(2))
+        return None if fused is None else fused[0]
 
     def _mix(self, x: Tensor, content: Tensor, weight: Tensor, *, in_place: bool = False) -> Tensor:
         """``(1 - w) * positional + w * content`` per head for input ``x``, in one pass over the content maps.

@@ -12,10 +12,11 @@ traffic, and PyTorch's operators walk the maps once per operator.
   memory, and PyTorch's softmax costs as much as its ``exp`` alone; the
   kernel's ``exp`` is a polynomial on the vector lanes (relative error
   about 1e-7, float32 rounding);
-* inference (``content_mix_gather``, float32, from ``GATHER_MIN_KEYS``
-  keys): the same maps applied to the values as they are made, 16 rows at
-  a time transposed in the cache and swept by the channels in registers,
-  so the maps are never written and no batched product reads them back;
+* forward with the gather (``content_mix_gather``, float32, from
+  ``GATHER_MIN_KEYS`` keys; inference, and training, which keeps ``A``):
+  the same maps applied to the values as they are made, 16 rows at a time
+  transposed in the cache and swept by the channels in registers, so the
+  mixed maps are never written and no batched product reads them back;
 * backward (``map_gradients``, float32 and float64): from ``dM``, the
   gradient of the mixed maps, the softmax backward ``dS = A (dM - r)``
   (``r`` the rows' ``sum_k dM * A``), the batch sum of ``dM`` (for the
@@ -107,8 +108,11 @@ def content_mix(q: Tensor, k: Tensor, base: Tensor, weight: Tensor, *, keep: boo
     return mixed, attention
 
 
-def content_mix_gather(q: Tensor, k: Tensor, base: Tensor, weight: Tensor, values: Tensor) -> Tensor | None:
-    """``content_mix``'s maps applied to ``values``: ``(B, C, H, Q)`` in recycled memory, the maps never written.
+def content_mix_gather(
+    q: Tensor, k: Tensor, base: Tensor, weight: Tensor, values: Tensor, *, keep: bool = False
+) -> tuple[Tensor, Tensor] | None:
+    """``content_mix``'s maps applied to ``values``, ``(B, C, H, Q)``, and with ``keep`` the content attention
+    ``A`` (else an empty tensor), both in recycled memory; the mixed maps are never written.
 
     ``values`` ``(B, C, K)``; the other operands as ``content_mix``'s.  Each
     task of 16 map rows is transposed in the cache and swept by the value
@@ -124,8 +128,9 @@ def content_mix_gather(q: Tensor, k: Tensor, base: Tensor, weight: Tensor, value
         return None
     q, k, values = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, values))
     out = workspace.empty((values.shape[0], values.shape[1], q.shape[1], q.shape[-1]), q)
-    module.content_mix_gather(q, k, base.contiguous(), weight.contiguous(), values, out)
-    return out
+    attention = workspace.empty((*q.shape[:2], q.shape[-1], k.shape[-1]), q) if keep else q.new_empty(0)
+    module.content_mix_gather(q, k, base.contiguous(), weight.contiguous(), values, out, attention)
+    return out, attention
 
 
 def map_gradients(

@@ -5,8 +5,8 @@
 //   where the caller keeps it for a backward).  Composed from PyTorch operators the scores, the softmax and
 //   the mix each walk the maps in memory, and the softmax's exp costs as much as the rest of the three
 //   together; here the exp is a polynomial on the vector lanes.
-// content_mix_gather (inference, float32): content_mix's maps applied to the values as each task makes
-//   them (out[b, c, h, q] = sum_key M[b, h, q, key] values[b, c, key]), the maps never written.
+// content_mix_gather (float32): content_mix's maps applied to the values as each task makes them
+//   (out[b, c, h, q] = sum_key M[b, h, q, key] values[b, c, key]), M never written (A where kept).
 // map_gradients (backward, float32 and float64): from dM, the gradient of M, and A:
 //   r            = sum_k dM * A                 (per map row: the softmax backward's row term)
 //   dS           = A (dM - r)                   (written over dM; the caller scales by w later)
@@ -339,13 +339,14 @@ void content_mix(const at::Tensor& q, const at::Tensor& k, const at::Tensor& bas
   });
 }
 
-// content_mix's maps applied to the values in inference: out[b, c, h, q] = sum_key M[b, h, q, key] *
-// values[b, c, key], without writing M.  values (B, C, K) with unit stride along the keys; out (B, C, H, Q),
-// contiguous; the other operands as content_mix's.
+// content_mix's maps applied to the values: out[b, c, h, q] = sum_key M[b, h, q, key] * values[b, c, key],
+// without writing M; A into attention unless it is empty (a training forward keeps it for its backward).
+// values (B, C, K) with unit stride along the keys; out (B, C, H, Q), contiguous; the other operands as
+// content_mix's.
 void content_mix_gather(const at::Tensor& q, const at::Tensor& k, const at::Tensor& base, const at::Tensor& weight,
-                        const at::Tensor& values, const at::Tensor& out) {
+                        const at::Tensor& values, const at::Tensor& out, const at::Tensor& attention) {
   const MixSizes n = forward_sizes("content_mix_gather", q, k, base, weight);
-  for (const auto* t : {&values, &out})
+  for (const auto* t : {&values, &out, &attention})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat,
                 "content_mix_gather takes float32 CPU tensors");
   const int64_t batch = q.size(0), heads = q.size(1), queries = q.size(3), keys = k.size(3);
@@ -355,12 +356,17 @@ void content_mix_gather(const at::Tensor& q, const at::Tensor& k, const at::Tens
   TORCH_CHECK(out.is_contiguous() && out.dim() == 4 && out.size(0) == batch && out.size(1) == channels &&
                   out.size(2) == heads && out.size(3) == queries,
               "content_mix_gather: out must be contiguous (B, C, H, Q)");
+  const bool keep = attention.numel() > 0;
+  TORCH_CHECK(!keep || (attention.is_contiguous() && attention.dim() == 4 && attention.size(0) == batch &&
+                        attention.size(1) == heads && attention.size(2) == queries && attention.size(3) == keys),
+              "content_mix_gather: attention must be empty or contiguous (B, H, Q, K)");
   const float* q_ptr = q.data_ptr<float>();
   const float* k_ptr = k.data_ptr<float>();
   const float* base_ptr = base.data_ptr<float>();
   const float* w_ptr = weight.data_ptr<float>();
   const float* v_ptr = values.data_ptr<float>();
   float* o_ptr = out.data_ptr<float>();
+  float* a_ptr = keep ? attention.data_ptr<float>() : nullptr;
   const int64_t blocks = (queries + TASK_ROWS - 1) / TASK_ROWS;
   at::parallel_for(0, batch * heads * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> block(PANEL * keys), panel(keys * PANEL);
@@ -368,7 +374,8 @@ void content_mix_gather(const at::Tensor& q, const at::Tensor& k, const at::Tens
       const int64_t bh = task / blocks, h = bh % heads, b = bh / heads;
       const int64_t first = task % blocks * TASK_ROWS, count = std::min(TASK_ROWS, queries - first);
       map_rows(q_ptr + b * q.stride(0) + h * q.stride(1) + first, k_ptr + b * k.stride(0) + h * k.stride(1), n,
-               base_ptr + (h * queries + first) * keys, w_ptr[h], count, block.data(), nullptr);
+               base_ptr + (h * queries + first) * keys, w_ptr[h], count, block.data(),
+               a_ptr ? a_ptr + (bh * queries + first) * keys : nullptr);
       std::fill(block.begin() + count * keys, block.end(), 0.0f);
       transpose_block(block.data(), keys, panel.data());
       gather_panel(v_ptr + b * values.stride(0), values.stride(1), channels, panel.data(), keys,
