@@ -98,25 +98,26 @@ struct MixSizes {
 };
 
 // rows[r * stride + key] = sum_d q[d * q_dim_stride + r] * k[d * k_dim_stride + key] for r < R and the `width`
-// keys from k (at most TILE; PARTIAL where fewer: lanes past them are zeros, not read or written).
-template <int64_t R, bool PARTIAL>
+// keys from k (at most V vectors; PARTIAL where the last is not whole: lanes past the keys are zeros, not read or
+// written).
+template <int64_t R, int64_t V, bool PARTIAL>
 void score_tile(const float* q, const float* k, const MixSizes& n, float* rows, int64_t stride, int64_t width) {
-  vf acc[R][VECTORS];  // (zeroed by loops: "= {}" was a rep stos over the array on the stack at every tile)
+  vf acc[R][V];  // (zeroed by loops: "= {}" was a rep stos over the array on the stack at every tile)
   for (int64_t r = 0; r < R; ++r)
-    for (int64_t j = 0; j < VECTORS; ++j) acc[r][j] = vf{};
+    for (int64_t j = 0; j < V; ++j) acc[r][j] = vf{};
   for (int64_t d = 0; d < n.dim; ++d) {
-    vf column[VECTORS];
-    for (int64_t j = 0; j < VECTORS; ++j) {
+    vf column[V];
+    for (int64_t j = 0; j < V; ++j) {
       const float* from = k + d * n.k_dim_stride + j * LANES;
       column[j] = PARTIAL ? load_first(from, lanes_of(width, j)) : load(from);
     }
     for (int64_t r = 0; r < R; ++r) {
       const vf s = splat(q[d * n.q_dim_stride + r]);
-      for (int64_t j = 0; j < VECTORS; ++j) acc[r][j] += s * column[j];
+      for (int64_t j = 0; j < V; ++j) acc[r][j] += s * column[j];
     }
   }
   for (int64_t r = 0; r < R; ++r)
-    for (int64_t j = 0; j < VECTORS; ++j) {
+    for (int64_t j = 0; j < V; ++j) {
       float* to = rows + r * stride + j * LANES;
       PARTIAL ? store_first(to, acc[r][j], lanes_of(width, j)) : store(to, acc[r][j]);
     }
@@ -164,11 +165,23 @@ void softmax_mix_row(float* row, const float* base, float weight, float* attenti
 }
 
 // score_tile for rows [0, count) (stride n.keys): four rows at a time, then one.
-template <bool PARTIAL>
+template <int64_t V, bool PARTIAL>
 void score_columns(const float* qh, const float* k, const MixSizes& n, int64_t count, float* rows, int64_t width) {
   int64_t row = 0;
-  for (; row + ROWS <= count; row += ROWS) score_tile<ROWS, PARTIAL>(qh + row, k, n, rows + row * n.keys, n.keys, width);
-  for (; row < count; ++row) score_tile<1, PARTIAL>(qh + row, k, n, rows + row * n.keys, n.keys, width);
+  for (; row + ROWS <= count; row += ROWS)
+    score_tile<ROWS, V, PARTIAL>(qh + row, k, n, rows + row * n.keys, n.keys, width);
+  for (; row < count; ++row) score_tile<1, V, PARTIAL>(qh + row, k, n, rows + row * n.keys, n.keys, width);
+}
+
+// score_columns for `width` keys (at most TILE) in as few vectors as hold them (64 keys: 24, 24, then 16 as two
+// whole vectors, not three with one masked off).
+template <bool PARTIAL>
+void score_width(const float* qh, const float* k, const MixSizes& n, int64_t count, float* rows, int64_t width) {
+  static_assert(VECTORS == 3, "a tile is one to three vectors");
+  const int64_t vectors = (width + LANES - 1) / LANES;
+  if (vectors == 3) score_columns<3, PARTIAL>(qh, k, n, count, rows, width);
+  if (vectors == 2) score_columns<2, PARTIAL>(qh, k, n, count, rows, width);
+  if (vectors == 1) score_columns<1, PARTIAL>(qh, k, n, count, rows, width);
 }
 
 // Rows [0, count) of one head's maps from that head's queries qh (advanced to the first row) and keys kh: the
@@ -180,10 +193,10 @@ void map_rows(const float* qh, const float* kh, const MixSizes& n, const float* 
   const int64_t keys = n.keys;
   for (int64_t key = 0; key < keys; key += TILE) {
     const int64_t width = std::min(TILE, keys - key);
-    if (width == TILE) {
-      score_columns<false>(qh, kh + key, n, count, mixed + key, width);
+    if (width % LANES == 0) {
+      score_width<false>(qh, kh + key, n, count, mixed + key, width);
     } else {
-      score_columns<true>(qh, kh + key, n, count, mixed + key, width);
+      score_width<true>(qh, kh + key, n, count, mixed + key, width);
     }
   }
   for (int64_t row = 0; row < count; ++row)
