@@ -22,7 +22,9 @@ the maps are walked four times (``dM * A`` in place of ``dM``, its row
 sums, its batch sum, ``- A r`` in place: eight reads and writes); the
 compiled kernel of ``native_maps``, where it is used, does the same in
 one pass (reads ``dM`` and ``A``, writes ``dS`` over ``dM``), as it does
-the forward's scores, softmax and mix.
+the forward's scores, softmax and mix, and from ``GATHER_MIN_KEYS`` keys
+the gather too (``content_mix_gather``: the mix is never written, only the
+softmax the backward keeps).
 
 Both directions are registered with PyTorch as operators
 (``torch.library.custom_op``) with fake implementations that state their

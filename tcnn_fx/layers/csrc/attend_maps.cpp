@@ -164,43 +164,46 @@ void softmax_mix_row(float* row, const float* base, float weight, float* attenti
   }
 }
 
-// score_tile for rows [0, count) (stride n.keys): four rows at a time, then one.
-template <int64_t V, bool PARTIAL>
-void score_columns(const float* qh, const float* k, const MixSizes& n, int64_t count, float* rows, int64_t width) {
-  int64_t row = 0;
-  for (; row + ROWS <= count; row += ROWS)
-    score_tile<ROWS, V, PARTIAL>(qh + row, k, n, rows + row * n.keys, n.keys, width);
-  for (; row < count; ++row) score_tile<1, V, PARTIAL>(qh + row, k, n, rows + row * n.keys, n.keys, width);
-}
-
-// score_columns for `width` keys (at most TILE) in as few vectors as hold them (64 keys: 24, 24, then 16 as two
+// score_tile for `width` keys (at most TILE) in as few vectors as hold them (64 keys: 24, 24, then 16 as two
 // whole vectors, not three with one masked off).
-template <bool PARTIAL>
-void score_width(const float* qh, const float* k, const MixSizes& n, int64_t count, float* rows, int64_t width) {
+template <int64_t R, bool PARTIAL>
+void score_width(const float* q, const float* k, const MixSizes& n, float* rows, int64_t width) {
   static_assert(VECTORS == 3, "a tile is one to three vectors");
   const int64_t vectors = (width + LANES - 1) / LANES;
-  if (vectors == 3) score_columns<3, PARTIAL>(qh, k, n, count, rows, width);
-  if (vectors == 2) score_columns<2, PARTIAL>(qh, k, n, count, rows, width);
-  if (vectors == 1) score_columns<1, PARTIAL>(qh, k, n, count, rows, width);
+  if (vectors == 3) score_tile<R, 3, PARTIAL>(q, k, n, rows, n.keys, width);
+  if (vectors == 2) score_tile<R, 2, PARTIAL>(q, k, n, rows, n.keys, width);
+  if (vectors == 1) score_tile<R, 1, PARTIAL>(q, k, n, rows, n.keys, width);
+}
+
+// The scores of R rows (stride n.keys) over all keys, tile by tile.
+template <int64_t R>
+void score_rows(const float* q, const float* k, const MixSizes& n, float* rows) {
+  for (int64_t key = 0; key < n.keys; key += TILE) {
+    const int64_t width = std::min(TILE, n.keys - key);
+    if (width % LANES == 0) {
+      score_width<R, false>(q, k + key, n, rows + key, width);
+    } else {
+      score_width<R, true>(q, k + key, n, rows + key, width);
+    }
+  }
 }
 
 // Rows [0, count) of one head's maps from that head's queries qh (advanced to the first row) and keys kh: the
-// mixed rows into mixed (their scores first: key tiles outer, so each tile of keys is read from the cache once
-// for every four rows), and the attention rows into attention, unless null; base is the first row's
-// positional term.
+// mixed rows into mixed (four rows' scores written there first, then turned into their mixed rows while in
+// the L1 cache), and the attention rows into attention, unless null; base is the first row's positional term.
 void map_rows(const float* qh, const float* kh, const MixSizes& n, const float* base, float weight, int64_t count,
               float* mixed, float* attention) {
   const int64_t keys = n.keys;
-  for (int64_t key = 0; key < keys; key += TILE) {
-    const int64_t width = std::min(TILE, keys - key);
-    if (width % LANES == 0) {
-      score_width<false>(qh, kh + key, n, count, mixed + key, width);
+  for (int64_t row = 0; row < count; row += ROWS) {
+    const int64_t rows = std::min(ROWS, count - row);
+    if (rows == ROWS) {
+      score_rows<ROWS>(qh + row, kh, n, mixed + row * keys);
     } else {
-      score_width<true>(qh, kh + key, n, count, mixed + key, width);
+      for (int64_t r = 0; r < rows; ++r) score_rows<1>(qh + row + r, kh, n, mixed + (row + r) * keys);
     }
+    for (int64_t r = row; r < row + rows; ++r)
+      softmax_mix_row(mixed + r * keys, base + r * keys, weight, attention ? attention + r * keys : nullptr, keys);
   }
-  for (int64_t row = 0; row < count; ++row)
-    softmax_mix_row(mixed + row * keys, base + row * keys, weight, attention ? attention + row * keys : nullptr, keys);
 }
 
 // ---------------------------------------------------------------------------------------------------------
