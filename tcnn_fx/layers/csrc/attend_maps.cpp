@@ -44,8 +44,8 @@ constexpr int64_t LANES = 8;  // AVX2, and portable builds (the compiler splits 
 typedef float vf __attribute__((vector_size(LANES * 4), aligned(4), may_alias));
 typedef int32_t vi __attribute__((vector_size(LANES * 4)));
 constexpr int64_t ROWS = 4;     // map rows (queries) computed together: each key vector loaded once for four
-constexpr int64_t VECTORS = 3;  // key vectors per tile: ROWS x VECTORS accumulators in registers (with 8, the
-                                // FMAs waited on each other)
+constexpr int64_t VECTORS = 3;  // key vectors per tile: ROWS x VECTORS accumulators in registers (with two
+                                // vectors, 8 sums, the FMAs waited on each other)
 constexpr int64_t TILE = VECTORS * LANES;
 constexpr int64_t TASK_ROWS = 16;  // map rows per task of the thread pool
 constexpr float LOG2_E = 1.4426950408889634f;
@@ -318,6 +318,16 @@ MixSizes forward_sizes(const char* name, const at::Tensor& q, const at::Tensor& 
   return MixSizes{q.size(2), keys, q.stride(2), k.stride(2)};
 }
 
+// The softmax's destination where a caller keeps it, else null: attention must be empty (not kept) or
+// contiguous (B, H, Q, K), the maps' sizes.
+float* kept_attention(const char* name, const at::Tensor& attention, const at::Tensor& q, const at::Tensor& k) {
+  if (attention.numel() == 0) return nullptr;
+  TORCH_CHECK(attention.is_contiguous() &&
+                  attention.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(3), k.size(3)}),
+              name, ": attention must be empty or contiguous (B, H, Q, K)");
+  return attention.data_ptr<float>();
+}
+
 }  // namespace
 
 // q (B, H, d, Q) and k (B, H, d, K), unit stride along the pixels, queries already scaled by 1/sqrt(d);
@@ -332,15 +342,12 @@ void content_mix(const at::Tensor& q, const at::Tensor& k, const at::Tensor& bas
   TORCH_CHECK(mixed.is_contiguous() && mixed.dim() == 4 && mixed.size(0) == batch && mixed.size(1) == heads &&
                   mixed.size(2) == queries && mixed.size(3) == keys,
               "content_mix: mixed must be contiguous (B, H, Q, K)");
-  const bool keep = attention.numel() > 0;
-  TORCH_CHECK(!keep || (attention.is_contiguous() && attention.sizes() == mixed.sizes()),
-              "content_mix: attention must be empty or like mixed");
   const float* q_ptr = q.data_ptr<float>();
   const float* k_ptr = k.data_ptr<float>();
   const float* base_ptr = base.data_ptr<float>();
   const float* w_ptr = weight.data_ptr<float>();
   float* m_ptr = mixed.data_ptr<float>();
-  float* a_ptr = keep ? attention.data_ptr<float>() : nullptr;
+  float* a_ptr = kept_attention("content_mix", attention, q, k);
   const int64_t blocks = (queries + TASK_ROWS - 1) / TASK_ROWS;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(TASK_ROWS * keys, 1));
   at::parallel_for(0, batch * heads * blocks, grain, [&](int64_t begin, int64_t end) {
@@ -372,17 +379,13 @@ void content_mix_gather(const at::Tensor& q, const at::Tensor& k, const at::Tens
   TORCH_CHECK(out.is_contiguous() && out.dim() == 4 && out.size(0) == batch && out.size(1) == channels &&
                   out.size(2) == heads && out.size(3) == queries,
               "content_mix_gather: out must be contiguous (B, C, H, Q)");
-  const bool keep = attention.numel() > 0;
-  TORCH_CHECK(!keep || (attention.is_contiguous() && attention.dim() == 4 && attention.size(0) == batch &&
-                        attention.size(1) == heads && attention.size(2) == queries && attention.size(3) == keys),
-              "content_mix_gather: attention must be empty or contiguous (B, H, Q, K)");
   const float* q_ptr = q.data_ptr<float>();
   const float* k_ptr = k.data_ptr<float>();
   const float* base_ptr = base.data_ptr<float>();
   const float* w_ptr = weight.data_ptr<float>();
   const float* v_ptr = values.data_ptr<float>();
   float* o_ptr = out.data_ptr<float>();
-  float* a_ptr = keep ? attention.data_ptr<float>() : nullptr;
+  float* a_ptr = kept_attention("content_mix_gather", attention, q, k);
   const int64_t blocks = (queries + TASK_ROWS - 1) / TASK_ROWS;
   at::parallel_for(0, batch * heads * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> block(PANEL * keys), panel(keys * PANEL);
